@@ -1,0 +1,31 @@
+# The two README commands: `make quickstart` and `make test`. Both create .venv when missing
+# and install segpipe (editable) with everything it needs into it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: quickstart test install clean-data
+
+install: $(STAMP)
+
+# torch/torchvision are pinned to the builds that pip takes from this machine kind's local disk;
+# everything else comes from pyproject.toml.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/segpipe quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-data:
+	rm -rf data/raw data/shards data/.raw-new data/.shards-new

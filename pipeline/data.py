@@ -1,0 +1,262 @@
+"""Reading the Parquet shards: a torch Dataset, a block-shuffling sampler, the train/eval
+transforms (torchvision.transforms.v2 on (Image, Mask) pairs) and a Ray Data dataset.
+
+Each worker of a distributed run reads a disjoint part of the rows (rank::world_size), decoding
+only the row groups that hold its rows. JPEGs are decoded with torchvision.io (no re-encoding),
+masks from their PNG bytes, losslessly (palette index = class id).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import warnings
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision import tv_tensors
+
+with warnings.catch_warnings():  # torchvision 0.29 flags its decoders as moving to torchcodec
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from pipeline.errors import UserError
+from pipeline.voc import IGNORE_INDEX
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def shard_dir(data_dir: str | Path) -> Path:
+    return Path(data_dir) / "shards"
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    path = shard_dir(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"no shards in {shard_dir(data_dir)}: run `segpipe preprocess` first (data.dir)")
+    return json.loads(path.read_text())
+
+
+def list_shards(data_dir: str | Path, split: str) -> list[Path]:
+    manifest = load_manifest(data_dir)
+    if split not in manifest["splits"]:
+        raise UserError(f"split {split!r} not in {shard_dir(data_dir)} (has {sorted(manifest['splits'])})")
+    return [shard_dir(data_dir) / rel for rel in sorted(manifest["shards"]) if rel.startswith(f"{split}/")]
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """JPEG bytes -> uint8 3xHxW (grey JPEGs expanded to RGB)."""
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def decode_mask(data: bytes) -> torch.Tensor:
+    """PNG bytes -> uint8 HxW of class ids (palette indices as they are)."""
+    return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)[0]
+
+
+class ShardDataset(Dataset):
+    """Map-style dataset over one split's shards; this worker's rows are rank::world_size.
+
+    With ``pad=True`` (training) every rank gets the same number of items (the first rows are
+    repeated, as DistributedSampler does) so DDP ranks run the same number of steps; evaluation
+    uses ``pad=False`` so no image is counted twice.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, transform=None, rank: int = 0,
+                 world_size: int = 1, pad: bool = False):
+        self.files = list_shards(data_dir, split)
+        self.transform = transform
+        self.index: list[tuple[int, int, int]] = []  # (file, row group, row in group)
+        for fi, path in enumerate(self.files):
+            meta = pq.ParquetFile(path).metadata
+            for rg in range(meta.num_row_groups):
+                self.index.extend((fi, rg, r) for r in range(meta.row_group(rg).num_rows))
+        total = len(self.index)
+        if world_size > 1:
+            per_rank = math.ceil(total / world_size) if pad else None
+            mine = self.index[rank::world_size]
+            if pad and total:
+                while len(mine) < per_rank:
+                    mine.append(self.index[(len(mine) * world_size + rank) % total])
+            self.index = mine
+        self._cache_key: tuple[int, int] | None = None
+        self._cache: dict | None = None
+        self._files: dict[int, pq.ParquetFile] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _group(self, fi: int, rg: int) -> dict:
+        if self._cache_key != (fi, rg):
+            pf = self._files.get(fi)
+            if pf is None:
+                pf = self._files[fi] = pq.ParquetFile(self.files[fi])
+            self._cache = pf.read_row_group(rg, columns=["id", "image", "mask"]).to_pydict()
+            self._cache_key = (fi, rg)
+        return self._cache
+
+    def raw(self, i: int) -> tuple[str, bytes, bytes]:
+        fi, rg, r = self.index[i]
+        g = self._group(fi, rg)
+        return g["id"][r], g["image"][r], g["mask"][r]
+
+    def __getitem__(self, i: int):
+        _, img, mask = self.raw(i)
+        image = tv_tensors.Image(decode_image(img))
+        target = tv_tensors.Mask(decode_mask(mask))
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        return image, target
+
+    def __getstate__(self):  # DataLoader workers: open files afresh in each process
+        state = self.__dict__.copy()
+        state["_files"], state["_cache"], state["_cache_key"] = {}, None, None
+        return state
+
+    def block_order(self) -> list[list[int]]:
+        """Indices grouped by row group, for BlockShuffleSampler."""
+        blocks: dict[tuple[int, int], list[int]] = {}
+        for i, (fi, rg, _) in enumerate(self.index):
+            blocks.setdefault((fi, rg), []).append(i)
+        return list(blocks.values())
+
+
+class BlockShuffleSampler(Sampler[int]):
+    """Shuffles row groups, then rows inside each: random order while each row group is decoded
+    from Parquet once per epoch instead of once per image."""
+
+    def __init__(self, dataset: ShardDataset, seed: int = 0):
+        self.blocks = dataset.block_order()
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.blocks)
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        blocks = [list(b) for b in self.blocks]
+        rng.shuffle(blocks)
+        for b in blocks:
+            rng.shuffle(b)
+            yield from b
+
+
+class RandomScale(torch.nn.Module):
+    """Resize by a factor drawn uniformly from [lo, hi] (mask with nearest, as v2 does for Mask)."""
+
+    def __init__(self, lo: float, hi: float):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, image, mask):
+        s = random.uniform(self.lo, self.hi)
+        h, w = image.shape[-2:]
+        size = [max(1, round(h * s)), max(1, round(w * s))]
+        return TF.resize(image, size, antialias=True), TF.resize(mask, size)
+
+
+class PadTo(torch.nn.Module):
+    """Pad bottom/right to at least `size` (image with 0, mask with 255 = void)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image, mask):
+        h, w = image.shape[-2:]
+        ph, pw = max(0, self.size - h), max(0, self.size - w)
+        if ph or pw:
+            image = TF.pad(image, [0, 0, pw, ph], fill=0)
+            mask = TF.pad(mask, [0, 0, pw, ph], fill=IGNORE_INDEX)
+        return image, mask
+
+
+class FitInside(torch.nn.Module):
+    """Shrink so the longer side is at most `size` (keeps aspect); smaller images are untouched."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image, mask):
+        h, w = image.shape[-2:]
+        if max(h, w) <= self.size:
+            return image, mask
+        s = self.size / max(h, w)
+        size = [max(1, round(h * s)), max(1, round(w * s))]
+        return TF.resize(image, size, antialias=True), TF.resize(mask, size)
+
+
+class _Finish(torch.nn.Module):
+    """uint8 image -> normalised float; mask -> int64 HxW."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_float = v2.ToDtype(torch.float32, scale=True)
+        self.norm = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    def forward(self, image, mask):
+        return self.norm(self.to_float(image)).as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+
+
+class PairCompose(torch.nn.Module):
+    def __init__(self, *steps):
+        super().__init__()
+        self.steps = torch.nn.ModuleList(steps)
+
+    def forward(self, image, mask):
+        for step in self.steps:
+            image, mask = step(image, mask)
+        return image, mask
+
+
+class _Both(torch.nn.Module):
+    """Apply one v2 transform to the (Image, Mask) pair with the same random parameters."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+
+    def forward(self, image, mask):
+        return self.t(image, mask)
+
+
+def train_transform(crop_size: int, scale_min: float = 0.5, scale_max: float = 2.0) -> PairCompose:
+    """Random scale, horizontal flip, pad (mask with 255), random crop, normalise."""
+    return PairCompose(
+        RandomScale(scale_min, scale_max),
+        _Both(v2.RandomHorizontalFlip()),
+        PadTo(crop_size),
+        _Both(v2.RandomCrop(crop_size)),
+        _Finish(),
+    )
+
+
+def eval_transform(size: int) -> PairCompose:
+    """Shrink to fit inside size x size, then pad to exactly that (mask padded with 255)."""
+    return PairCompose(FitInside(size), PadTo(size), _Finish())
+
+
+def ray_dataset(data_dir: str | Path, split: str):
+    """A Ray Data dataset over one split's shards (rows: id, image bytes, mask bytes, ...).
+    Ray splits it across Train workers (e.g. `ray.train.get_dataset_shard`)."""
+    import ray.data
+
+    return ray.data.read_parquet([str(p) for p in list_shards(data_dir, split)])
+
+
+def decode_batch(batch: dict) -> dict:
+    """Ray Data map_batches function: bytes -> uint8 image/mask tensors (lists: sizes differ)."""
+    batch["image_tensor"] = [decode_image(b).numpy() for b in batch["image"]]
+    batch["mask_tensor"] = [decode_mask(b).numpy() for b in batch["mask"]]
+    return batch

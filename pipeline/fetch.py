@@ -1,0 +1,118 @@
+"""`segpipe fetch`: bring a VOC-layout dataset to <data.dir>/raw/ (by data.source).
+
+- sample       the 10 real VOC images bundled in assets/voc-mini.tar
+- synthetic    generated VOC-format scenes (data.synthetic.*)
+- voc2012      downloads VOCtrainval_11-May-2012.tar (data.voc_url, md5 data.voc_md5)
+- voc2012_aug  the same plus SBD (data.sbd_url) -> the 10,582-image train_aug split, VOC12 val held out
+- a tar path   a local copy of a VOC tar (any compression)
+- a directory  one that holds VOCdevkit/ (read in place, nothing copied)
+
+The new raw/ is built beside the old one and swapped in only when complete, so a refused archive
+or a failed download leaves the previous raw/ intact. <data.dir>/raw/source.json tells preprocess
+where the VOC root is and which id lists make each split.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.download import download, safe_extract
+from pipeline.errors import UserError
+from pipeline.voc import RawLayout, find_voc_root
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SAMPLE_TAR = ASSETS / "voc-mini.tar"
+
+
+def _check_splits(voc_root: Path, splits: dict[str, str]) -> None:
+    for split, rel in splits.items():
+        if not (voc_root / rel).is_file():
+            raise UserError(f"{voc_root / rel} is missing: the dataset has no {split!r} split list (data.source)")
+
+
+def _swap_in(new_raw: Path, raw: Path) -> None:
+    old = raw.with_name(".raw-old")
+    if old.exists():
+        shutil.rmtree(old)
+    if raw.exists():
+        raw.rename(old)
+    new_raw.rename(raw)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fetch_into(p: Params, new_raw: Path, progress: bool) -> RawLayout:
+    src = p.data.source
+    data_dir = Path(p.data.dir)
+    downloads = data_dir / "downloads"
+    splits = {"train": "ImageSets/Segmentation/train.txt", "val": "ImageSets/Segmentation/val.txt"}
+
+    if src == "synthetic":
+        from pipeline.synthetic import generate
+
+        generate(new_raw / "VOCdevkit" / "VOC2012", p.data.synthetic, progress=progress)
+        return RawLayout(source=src, voc_root="VOCdevkit/VOC2012", splits=splits)
+
+    if src in ("sample", "voc2012", "voc2012_aug") or Path(src).is_file():
+        if src == "sample":
+            archive = SAMPLE_TAR
+            if not archive.is_file():
+                raise UserError(f"the bundled sample {archive} is missing from this checkout (data.source=sample)")
+        elif src in ("voc2012", "voc2012_aug"):
+            url = p.data.voc_url
+            archive = download(url, downloads / Path(url).name, md5=p.data.voc_md5,
+                               timeout=p.data.download_timeout_s, progress=progress)
+        else:
+            archive = Path(src).expanduser()
+        safe_extract(archive, new_raw, progress=progress)
+        voc_root = find_voc_root(new_raw)
+        if src == "voc2012_aug":
+            from pipeline.sbd import build_train_aug
+
+            url = p.data.sbd_url
+            sbd_tar = download(url, downloads / Path(url).name, md5=p.data.sbd_md5,
+                               timeout=p.data.download_timeout_s, progress=progress)
+            safe_extract(sbd_tar, new_raw / "sbd", progress=progress)
+            sbd_root = next((d for d in (new_raw / "sbd").rglob("cls") if d.is_dir()), None)
+            if sbd_root is None:
+                raise UserError(f"{sbd_tar} has no SBD layout (dataset/cls/*.mat) (data.sbd_url)")
+            build_train_aug(sbd_root.parent, voc_root, progress=progress)
+            shutil.rmtree(new_raw / "sbd")  # the converted PNGs now live in the VOC root
+            splits["train"] = "ImageSets/Segmentation/train_aug.txt"
+        # the root is stored relative to raw/ so the directory can be moved into place
+        rel = str(voc_root.relative_to(new_raw.resolve()))
+        mask_dir = "SegmentationClassAug" if src == "voc2012_aug" else "SegmentationClass"
+        return RawLayout(source=src, voc_root=rel, splits=splits, mask_dir=mask_dir)
+
+    # a directory holding VOCdevkit/: read in place
+    voc_root = find_voc_root(Path(src).expanduser())  # absolute
+    return RawLayout(source=src, voc_root=str(voc_root), splits=splits)
+
+
+def fetch(p: Params, progress: bool = True) -> RawLayout:
+    data_dir = Path(p.data.dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    raw = data_dir / "raw"
+    new_raw = data_dir / ".raw-new"
+    if new_raw.exists():
+        shutil.rmtree(new_raw)
+    new_raw.mkdir()
+    try:
+        layout = _fetch_into(p, new_raw, progress)
+        _check_splits(layout.root(new_raw), layout.splits)
+        layout.save(new_raw)
+        _swap_in(new_raw, raw)
+    finally:
+        if new_raw.exists():
+            shutil.rmtree(new_raw)
+    return layout
+
+
+def run(p: Params, args) -> int:
+    layout = fetch(p, progress=not getattr(args, "quiet", False))
+    root = layout.root(Path(p.data.dir) / "raw")
+    counts = {s: sum(1 for line in (root / rel).read_text().split() if line) for s, rel in layout.splits.items()}
+    print(f"fetched {layout.source}: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" -> {root}")
+    return 0

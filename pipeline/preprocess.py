@@ -1,0 +1,230 @@
+"""`segpipe preprocess`: raw VOC -> Parquet shards + manifest.json (schema in shared/DESIGN.md).
+
+Every image/mask pair is validated in worker processes (all cores by default) and streamed into
+shards: original JPEG bytes, the mask as a one-channel PNG of class ids (the VOC palette PNG
+bytes as they are when already one-channel), row groups of <= data.row_group_rows rows, a new
+part once data.shard_max_mb is reached. Everything is written into <data.dir>/.shards-new/ (each
+part under a .tmp name, renamed when closed) and swapped in at the end, so a run that finds a
+bad pair exits 2 listing every bad id and leaves the previous shards untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.config import Params
+from pipeline.errors import UserError
+from pipeline.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, RawLayout
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("image", pa.binary()),
+        ("mask", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+    ]
+)
+MANIFEST_VERSION = 1
+
+
+def _encode_mask(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_pair(job: tuple[str, str, str, str]) -> dict:
+    """Read and validate one pair. Returns a row (plus a class histogram) or {"id", "error"}."""
+    split, sid, img_path, mask_path = job
+    try:
+        img_bytes = Path(img_path).read_bytes()
+    except OSError:
+        return {"id": sid, "split": split, "error": "image file missing or unreadable"}
+    if not os.path.isfile(mask_path):
+        return {"id": sid, "split": split, "error": "listed without a mask"}
+    try:
+        with Image.open(io.BytesIO(img_bytes)) as im:
+            fmt, size = im.format, im.size
+            im.load()  # decodes fully: a truncated file raises here
+    except Exception as exc:  # PIL raises many types for broken files
+        return {"id": sid, "split": split, "error": f"undecodable or truncated image ({exc.__class__.__name__})"}
+    if fmt != "JPEG":
+        return {"id": sid, "split": split, "error": f"image is {fmt}, expected JPEG"}
+    try:
+        mask_bytes = Path(mask_path).read_bytes()
+        with Image.open(io.BytesIO(mask_bytes)) as m:
+            mfmt, mmode = m.format, m.mode
+            arr = np.asarray(m)
+    except Exception as exc:
+        return {"id": sid, "split": split, "error": f"undecodable mask ({exc.__class__.__name__})"}
+    if mmode not in ("P", "L") or arr.ndim != 2:
+        return {"id": sid, "split": split, "error": f"mask is a {mmode} image, expected one channel of class ids (palette or grey PNG)"}
+    if (arr.shape[1], arr.shape[0]) != size:
+        return {"id": sid, "split": split,
+                "error": f"image is {size[0]}x{size[1]} but mask is {arr.shape[1]}x{arr.shape[0]}"}
+    hist = np.bincount(arr.ravel(), minlength=256)
+    bad = [v for v in np.nonzero(hist)[0].tolist() if v >= NUM_CLASSES and v != IGNORE_INDEX]
+    if bad:
+        return {"id": sid, "split": split, "error": f"mask values outside 0..20 and 255: {bad[:8]}"}
+    if mfmt != "PNG":
+        mask_bytes = _encode_mask(arr.astype(np.uint8))
+    counts = hist[:NUM_CLASSES].tolist() + [int(hist[IGNORE_INDEX])]
+    return {"id": sid, "split": split, "image": img_bytes, "mask": mask_bytes,
+            "height": size[1], "width": size[0], "hist": counts}
+
+
+class ShardWriter:
+    """Writes rows into part-NNNNN.parquet files of one split, row group by row group."""
+
+    def __init__(self, out_dir: Path, row_group_rows: int, max_bytes: float):
+        self.out_dir = out_dir
+        self.row_group_rows = row_group_rows
+        self.max_bytes = max_bytes
+        self.buffer: list[dict] = []
+        self.writer: pq.ParquetWriter | None = None
+        self.part = 0
+        self.part_bytes = 0
+        self.part_rows = 0
+        self.closed: list[tuple[Path, int]] = []
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def _tmp(self) -> Path:
+        return self.out_dir / f"part-{self.part:05d}.parquet.tmp"
+
+    def add(self, row: dict) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= self.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self._tmp(), SCHEMA, compression="NONE", write_statistics=["id"])
+        cols = {name: [r[name] for r in self.buffer] for name in SCHEMA.names}
+        self.writer.write_table(pa.table(cols, schema=SCHEMA), row_group_size=self.row_group_rows)
+        self.part_rows += len(self.buffer)
+        self.part_bytes += sum(len(r["image"]) + len(r["mask"]) for r in self.buffer)
+        self.buffer = []
+        if self.part_bytes >= self.max_bytes:
+            self._close_part()
+
+    def _close_part(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        final = self.out_dir / f"part-{self.part:05d}.parquet"
+        self._tmp().rename(final)
+        self.closed.append((final, self.part_rows))
+        self.writer, self.part, self.part_bytes, self.part_rows = None, self.part + 1, 0, 0
+
+    def close(self) -> list[tuple[Path, int]]:
+        self._flush()
+        self._close_part()
+        return self.closed
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_ids(path: Path) -> list[str]:
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def preprocess(p: Params, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    data_dir = Path(p.data.dir)
+    raw = data_dir / "raw"
+    layout = RawLayout.load(raw)
+    voc_root = layout.root(raw)
+    jobs: dict[str, list[tuple[str, str, str, str]]] = {}
+    for split, rel in layout.splits.items():
+        list_file = voc_root / rel
+        if not list_file.is_file():
+            raise UserError(f"split list {list_file} is missing: re-run `segpipe fetch` (data.dir)")
+        jobs[split] = [
+            (split, sid, str(voc_root / layout.image_dir / f"{sid}.jpg"), str(voc_root / layout.mask_dir / f"{sid}.png"))
+            for sid in _read_ids(list_file)
+        ]
+        if not jobs[split]:
+            raise UserError(f"split list {list_file} is empty (data.source)")
+
+    new_dir = data_dir / ".shards-new"
+    if new_dir.exists():
+        shutil.rmtree(new_dir)
+    workers = p.data.workers or os.cpu_count() or 1
+    total = sum(len(j) for j in jobs.values())
+    errors: list[str] = []
+    manifest: dict = {"version": MANIFEST_VERSION, "source": layout.source, "splits": {}, "shards": {}}
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        with tqdm(total=total, desc="preprocess", unit="img", disable=not progress) as bar:
+            for split, split_jobs in jobs.items():
+                writer = ShardWriter(new_dir / split, p.data.row_group_rows, p.data.shard_max_mb * 2**20)
+                hist = np.zeros(NUM_CLASSES + 1, dtype=np.int64)
+                results = pool.imap(load_pair, split_jobs, chunksize=4) if pool else map(load_pair, split_jobs)
+                for res in results:
+                    bar.update()
+                    if "error" in res:
+                        errors.append(f"{res['split']}/{res['id']}: {res['error']}")
+                        continue
+                    if not errors:  # once a pair is bad nothing is kept: only validate the rest
+                        hist += np.asarray(res.pop("hist"), dtype=np.int64)
+                        writer.add(res)
+                parts = writer.close() if not errors else []
+                manifest["splits"][split] = {
+                    "count": sum(rows for _, rows in parts),
+                    "class_pixels": dict(zip(list(VOC_CLASSES) + ["void"], hist.tolist())),
+                }
+                for path, rows in parts:
+                    rel = f"{split}/{path.name}"
+                    manifest["shards"][rel] = {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        if errors:
+            raise UserError(
+                f"{len(errors)} bad image/mask pair(s), no shards written (earlier shards untouched): "
+                + "; ".join(errors)
+            )
+        (new_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shards = data_dir / "shards"
+        old = data_dir / ".shards-old"
+        if old.exists():
+            shutil.rmtree(old)
+        if shards.exists():
+            shards.rename(old)
+        new_dir.rename(shards)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if new_dir.exists():
+            shutil.rmtree(new_dir)
+    return manifest
+
+
+def run(p: Params, args) -> int:
+    manifest = preprocess(p, progress=not getattr(args, "quiet", False))
+    counts = ", ".join(f"{info['count']} {split}" for split, info in manifest["splits"].items())
+    print(f"preprocessed {manifest['source']}: {counts} in {len(manifest['shards'])} shard(s) -> "
+          f"{Path(p.data.dir) / 'shards'}")
+    return 0

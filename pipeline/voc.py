@@ -1,0 +1,58 @@
+"""PASCAL VOC constants and the layout of a fetched raw dataset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+NUM_CLASSES = len(VOC_CLASSES)
+IGNORE_INDEX = 255
+
+
+@dataclass
+class RawLayout:
+    """What `segpipe fetch` leaves for `segpipe preprocess`: where the VOC root is and which
+    id lists / mask folder form each split. Stored as <data.dir>/raw/source.json."""
+
+    source: str
+    voc_root: str                    # .../VOCdevkit/VOC2012: absolute, or relative to raw/
+    splits: dict[str, str]           # split -> id list file, relative to voc_root
+    mask_dir: str = "SegmentationClass"
+    image_dir: str = "JPEGImages"
+
+    def save(self, raw_dir: Path) -> Path:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        path = raw_dir / "source.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    def root(self, raw_dir: Path) -> Path:
+        return raw_dir / self.voc_root  # an absolute voc_root wins over raw_dir
+
+    @classmethod
+    def load(cls, raw_dir: Path) -> "RawLayout":
+        path = raw_dir / "source.json"
+        if not path.is_file():
+            raise UserError(f"no fetched dataset in {raw_dir} (missing source.json): run `segpipe fetch` first (data.dir)")
+        return cls(**json.loads(path.read_text()))
+
+
+def find_voc_root(path: Path) -> Path:
+    """Accept a dir holding VOCdevkit/, VOCdevkit/ itself or VOC2012/ itself."""
+    for cand in (path / "VOCdevkit" / "VOC2012", path / "VOC2012", path):
+        if (cand / "JPEGImages").is_dir() and (cand / "ImageSets" / "Segmentation").is_dir():
+            return cand.resolve()
+    raise UserError(
+        f"{path} does not hold a VOC layout (expected VOCdevkit/VOC2012/JPEGImages and "
+        "ImageSets/Segmentation) (data.source)"
+    )

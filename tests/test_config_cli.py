@@ -1,0 +1,99 @@
+"""params.yaml schema, -p / -S, and the CLI's exit codes and help."""
+
+import pytest
+import yaml
+
+from pipeline.config import ParamsError, apply_overrides, flatten, load_params
+from tests.conftest import ROOT, assert_user_error, run_cli
+
+
+def test_committed_params_are_the_full_recipe():
+    p = load_params(ROOT / "params.yaml")
+    assert p.data.source == "voc2012_aug"
+    assert set(p.families) == {"fcn", "deeplabv3", "lraspp", "unet"}
+    assert p.train.crop_size >= 480
+
+
+def test_overrides_parse_yaml_values(params_file):
+    p = load_params(params_file, ["train.epochs=3", "data.source=sample", "train.model_options.atrous_rates=[6, 12, 18]",
+                                  "ray.use_gpu=false"])
+    assert p.train.epochs == 3 and p.data.source == "sample"
+    assert p.train.model_options == {"atrous_rates": [6, 12, 18]}
+    assert p.ray.use_gpu is False
+
+
+def test_overrides_do_not_touch_the_file(params_file):
+    before = params_file.read_text()
+    load_params(params_file, ["train.epochs=3"])
+    assert params_file.read_text() == before
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.batch_size=-4", "train.batch_size"),
+        ("train.epochs=many", "train.epochs"),
+        ("data.source=imagenet", "data.source"),
+        ("data.source=/no/such/voc.tar", "data.source"),
+        ("train.learning_rate=0.1", "train.learning_rate: unknown key"),
+        ("data.row_group_rows=500", "data.row_group_rows"),
+        ("data.synthetic.classes=[0, 25]", "data.synthetic.classes"),
+    ],
+)
+def test_bad_params_name_the_key(params_file, override, needle):
+    with pytest.raises(ParamsError) as exc:
+        load_params(params_file, [override])
+    assert needle in str(exc.value)
+
+
+def test_malformed_override_and_missing_file(tmp_path, params_file):
+    with pytest.raises(ParamsError, match="dotted.key=value"):
+        load_params(params_file, ["train.epochs"])
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_apply_overrides_and_flatten():
+    raw = apply_overrides({"a": {"b": 1}}, ["a.c.d=2", "e=x"])
+    assert raw == {"a": {"b": 1, "c": {"d": 2}}, "e": "x"}
+    assert flatten(raw) == {"a.b": 1, "a.c.d": 2, "e": "x"}
+    with pytest.raises(ParamsError):
+        apply_overrides({"a": 1}, ["a.b=2"])
+
+
+@pytest.mark.parametrize("stage", ["fetch", "preprocess"])
+def test_bad_params_exit_2_for_every_stage(tmp_path, params_file, stage):
+    proc = run_cli(stage, "-p", str(params_file), "-S", "train.batch_size=-1", cwd=tmp_path)
+    assert_user_error(proc, "train.batch_size")
+    proc = run_cli(stage, "-p", str(tmp_path / "missing.yaml"), cwd=tmp_path)
+    assert_user_error(proc, "missing.yaml")
+    assert not (tmp_path / "data").exists()
+
+
+def test_help_explains_each_stage():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for stage in ("fetch", "preprocess", "models", "quickstart"):
+        assert stage in proc.stdout
+        sub = run_cli(stage, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert "-S KEY=VALUE" in sub.stdout, sub.stdout
+    assert "data.source" in run_cli("fetch", "--help").stdout
+
+
+def test_unknown_stage_is_a_user_error():
+    assert_user_error(run_cli("frobnicate"), "invalid choice")
+
+
+def test_quickstart_profile_is_valid_over_params(params_file):
+    from pipeline.quickstart import profile_overrides
+
+    overrides = profile_overrides("quickstart")
+    p = load_params(params_file, overrides)
+    assert p.data.source == "synthetic"
+    prof = yaml.safe_load((ROOT / "profiles" / "quickstart.yaml").read_text())
+    assert len(overrides) == len(prof)
