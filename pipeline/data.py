@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 
-with warnings.catch_warnings():  # torchvision 0.29 flags its decoders as moving to torchcodec
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+
+# torchvision 0.29 warns on every decode that its decoders move to torchcodec; they still work.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
