@@ -34,6 +34,16 @@ STAGES: dict[str, tuple[str, str, str]] = {
         groups <= data.row_group_rows) and shards/manifest.json. Old shards stay until the new set
         is complete.""",
     ),
+    "train": (
+        "pipeline.train",
+        "train one family with Ray Train (DDP), tracked in MLflow",
+        """Trains families.<--family> (or train.model) on <data.dir>/shards with ray.num_workers Ray
+        Train workers (gloo on CPU, NCCL on GPUs); starts a local Ray unless ray.address / RAY_ADDRESS
+        names a cluster. Evaluates every train.eval_every epochs (confusion matrix all-reduced over
+        workers), checkpoints every epoch under ray.storage_path (train.resume continues the latest
+        run), logs params, per-epoch metrics, per-class IoU, confusion matrix, prediction grid and the
+        model to MLflow, and writes <models_dir>/<family>.pt and <reports_dir>/metrics/<family>.json.""",
+    ),
     "quickstart": (
         "pipeline.quickstart",
         "run the whole DVC pipeline offline on CPU with the quickstart profile",
@@ -49,6 +59,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
         GFLOPs at --size x --size and the options it takes (upsample, atrous_rates, ...).""",
     ),
 }
+
+STAGE_ARGS = {"models", "quickstart", "train"}  # modules with stage-specific flags (cheap to import)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                             + textwrap.fill(textwrap.dedent(long).replace("\n", " "), 96),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(sp)
-        mod = importlib.import_module(module) if name in ("models", "quickstart") else None
+        mod = importlib.import_module(module) if name in STAGE_ARGS else None
         if mod is not None and hasattr(mod, "add_arguments"):
             mod.add_arguments(sp)
     return parser

@@ -91,7 +91,22 @@ class TrainParams(_Strict):
     scale_min: float = Field(0.5, gt=0)
     scale_max: float = Field(2.0, gt=0)
     lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup before the poly schedule")
+    poly_power: float = Field(0.9, gt=0)
+    bn_momentum: float | None = Field(None, gt=0, le=1, description="override every BatchNorm's momentum (None: the model's own)")
+    aux_weight: float = Field(0.5, ge=0, description="weight of the aux loss where the model has one")
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 = off")
+    eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and after the last)")
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per Ray worker")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     resume: bool = False
+    models_dir: str = Field("models", description="where <family>.pt is written")
+    reports_dir: str = Field("reports", description="where metrics/<family>.json and the epoch CSV go")
+    sample_images: int = Field(4, ge=0, description="val images in the MLflow prediction grid")
 
     @model_validator(mode="after")
     def _scales(self) -> "TrainParams":
@@ -114,6 +129,7 @@ class RayParams(_Strict):
     address: str = ""
     num_workers: int = Field(2, ge=1)
     use_gpu: Literal["auto", True, False] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
     storage_path: str = "ray_results"
 
 

@@ -61,9 +61,9 @@ def make_scene(index: int, p: SyntheticParams) -> tuple[bytes, np.ndarray]:
     rng = np.random.default_rng([p.seed, index])
     size = p.size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    # muted background: a random gradient plus grain
-    base = rng.uniform(60, 160, size=3)
-    slope = rng.uniform(-40, 40, size=(2, 3))
+    # muted (low-saturation) background: a grey level with a slight tint, a gradient and grain
+    base = rng.uniform(70, 170) + rng.uniform(-15, 15, size=3)
+    slope = rng.uniform(-30, 30, size=(2, 1)) + rng.uniform(-8, 8, size=(2, 3))
     img = base + yy[..., None] * slope[0] + xx[..., None] * slope[1]
     img += rng.normal(0, 12, size=(size, size, 3))
     mask = np.zeros((size, size), np.uint8)

@@ -37,3 +37,36 @@ def params_file(tmp_path: Path) -> Path:
 def tree_snapshot(path: Path) -> dict[str, bytes]:
     """Every file under path -> its bytes (to show nothing changed)."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray (2 CPUs) with its own temp dir, shut down (its own processes) at the end."""
+    import tempfile
+
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """Tiny synthetic shards (16 train / 6 val, 64 px), made once per session."""
+    from pipeline.config import load_params
+    from pipeline.fetch import fetch
+    from pipeline.preprocess import preprocess
+
+    d = tmp_path_factory.mktemp("syn") / "data"
+    p = load_params(ROOT / "params.yaml", [f"data.dir={d}", "data.source=synthetic", "data.synthetic.train_count=16",
+                                           "data.synthetic.val_count=6", "data.synthetic.size=64", "data.row_group_rows=5"])
+    fetch(p, progress=False)
+    preprocess(p, progress=False)
+    return d

@@ -1,0 +1,149 @@
+"""The training step, written once: pure PyTorch (no Ray, no MLflow), used by `segpipe train`
+(inside Ray Train workers), by every Ray Tune trial and by the GPU benchmark.
+
+SGD with momentum, poly LR (power 0.9) after an optional linear warmup, weight decay,
+cross-entropy with ignore_index 255 plus aux loss × aux_weight where the model has an aux head,
+AMP (bf16 / fp16 with a grad scaler on GPU), channels_last, optional gradient clipping, and a
+guard that stops on a NaN / inf loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.metrics import confusion_matrix
+from pipeline.voc import IGNORE_INDEX
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"loss became NaN at epoch {epoch} step {step}")
+        self.epoch, self.step = epoch, step
+
+
+@dataclass
+class StepOptions:
+    device: torch.device
+    amp_dtype: torch.dtype | None = None   # None: full precision
+    aux_weight: float = 0.5
+    grad_clip: float = 0.0                 # 0: off
+    channels_last: bool = True
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """'auto' -> bf16 on a GPU that has it, else fp16 on GPU, off on CPU."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def set_bn_momentum(model: torch.nn.Module, momentum: float | None) -> None:
+    """MobileNetV3's BN momentum is 0.01 (ImageNet-length schedules): its running statistics lag
+    far behind on short runs. A larger momentum makes eval-mode BN usable after few steps."""
+    if momentum is None:
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def poly_schedule(optimizer, total_iters: int, warmup_iters: int = 0, power: float = 0.9):
+    """Linear warmup from lr/10 over warmup_iters, then (1 - t/T)^power."""
+    total_iters = max(1, total_iters)
+
+    def factor(it: int) -> float:
+        if it < warmup_iters:
+            return 0.1 + 0.9 * it / max(1, warmup_iters)
+        t = min(it, total_iters - 1) - warmup_iters
+        return (1 - t / max(1, total_iters - warmup_iters)) ** power
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def loss_fn(outputs: dict, target: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    loss = F.cross_entropy(outputs["out"].float(), target, ignore_index=IGNORE_INDEX)
+    if "aux" in outputs and outputs["aux"] is not None:
+        loss = loss + aux_weight * F.cross_entropy(outputs["aux"].float(), target, ignore_index=IGNORE_INDEX)
+    return loss
+
+
+def _autocast(opts: StepOptions):
+    if opts.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=opts.device.type, dtype=opts.amp_dtype)
+
+
+def _to_device(images, targets, opts: StepOptions):
+    images = images.to(opts.device, non_blocking=True)
+    if opts.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(opts.device, non_blocking=True)
+
+
+def train_epoch(model, loader, optimizer, scheduler, scaler, opts: StepOptions, epoch: int,
+                max_steps: int | None = None) -> dict[str, float]:
+    """One pass over `loader`. Returns mean loss, images/s, last lr and the image count."""
+    model.train()
+    total_loss, n_images, n_steps = 0.0, 0, 0
+    start = time.perf_counter()
+    for step, (images, targets) in enumerate(loader):
+        if max_steps is not None and step >= max_steps:
+            break
+        images, targets = _to_device(images, targets, opts)
+        with _autocast(opts):
+            outputs = model(images)
+        loss = loss_fn(outputs, targets, opts.aux_weight)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(epoch, step)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            if opts.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if opts.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+            optimizer.step()
+        scheduler.step()
+        total_loss += float(loss.detach()) * images.shape[0]
+        n_images += images.shape[0]
+        n_steps += 1
+    if opts.device.type == "cuda":
+        torch.cuda.synchronize(opts.device)
+    elapsed = time.perf_counter() - start
+    return {
+        "loss": total_loss / max(1, n_images),
+        "img_per_s": n_images / elapsed if elapsed > 0 else 0.0,
+        "lr": optimizer.param_groups[0]["lr"],
+        "images": n_images,
+        "steps": n_steps,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, loader, opts: StepOptions, num_classes: int) -> torch.Tensor:
+    """Confusion matrix (int64, on CPU) of `model` over `loader`; the caller all-reduces it."""
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for images, targets in loader:
+        images, targets = _to_device(images, targets, opts)
+        with _autocast(opts):
+            logits = model(images)["out"]
+        cm += confusion_matrix(logits.argmax(1), targets, num_classes)
+    return cm

@@ -1,0 +1,480 @@
+"""`segpipe train`: Ray Train (TorchTrainer) data-parallel training of one family, tracked in MLflow.
+
+The driver validates everything first (bad params never start Ray), creates the MLflow run and
+hands its id to Ray. Each worker reads a disjoint part of the shards and runs the training step of
+pipeline.engine; the confusion matrix is all-reduced before any metric is computed. Rank 0
+checkpoints every epoch (model, optimizer, scheduler, scaler, epoch) through Ray Train; a
+controller callback logs each reported epoch to MLflow and prints one progress line, so the
+metric history follows the checkpoints (a restarted worker group never logs an epoch twice).
+At the end the driver logs the confusion matrix, a prediction grid and the model, and writes the
+DVC outputs: <models_dir>/<family>.pt, <reports_dir>/metrics/<family>.json and <family>_epochs.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.errors import UserError
+from pipeline.voc import NUM_CLASSES, VOC_CLASSES
+
+
+class TrainingFailed(UserError):
+    """The run started but failed (e.g. NaN loss): `error: ...`, exit 1."""
+
+    exit_code = 1
+
+
+@dataclass
+class Job:
+    """Everything a training run needs, resolved and validated on the driver."""
+
+    family: str
+    model: str
+    options: dict
+    params: Params
+    tracking_uri: str
+    run_id: str = ""
+    storage_path: str = ""
+    ray_name: str = ""
+    extra_config: dict = field(default_factory=dict)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--family", help="a key of `families` in params.yaml (fcn, deeplabv3, lraspp, unet); "
+                                         "without it train.model / train.model_options are trained")
+
+
+def family_of(model: str) -> str:
+    from seg_models import model_info
+
+    return model_info(model)["family"]
+
+
+def resolve_job(p: Params, family: str | None) -> Job:
+    """Pick the model for `family` (or train.model) and check it builds with its options."""
+    from pipeline.tracking import resolve_tracking_uri
+
+    if family:
+        if family not in p.families:
+            raise UserError(f"unknown family {family!r}: params.yaml families has {sorted(p.families)} (--family)")
+        model, options = p.families[family].model, dict(p.families[family].options)
+        options.update(p.train.model_options)
+    else:
+        model, options = p.train.model, dict(p.train.model_options)
+    check_model(model, options)
+    fam = family or family_of(model)
+    return Job(family=fam, model=model, options=options, params=p, tracking_uri=resolve_tracking_uri(p.mlflow.tracking_uri))
+
+
+def check_model(model: str, options: dict) -> None:
+    """Build on the meta device: instant, and every bad name / option surfaces before Ray starts."""
+    import torch
+
+    from seg_models import build_model, list_models
+
+    if model not in list_models():
+        raise UserError(f"unknown model {model!r}; `segpipe models` lists {', '.join(list_models())} (train.model)")
+    try:
+        with torch.device("meta"):
+            build_model(model, num_classes=NUM_CLASSES, **options)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{model}: {exc} (model options)") from None
+
+
+def check_data(p: Params) -> dict:
+    from pipeline.data import load_manifest
+
+    manifest = load_manifest(p.data.dir)
+    for split in ("train", "val"):
+        if manifest["splits"].get(split, {}).get("count", 0) == 0:
+            raise UserError(f"no {split} images in {p.data.dir}/shards: re-run `segpipe preprocess` (data.dir)")
+    return manifest
+
+
+def worker_config(job: Job) -> dict:
+    p = job.params
+    t = p.train
+    return {
+        "model": job.model, "options": job.options, "seed": p.seed,
+        "data_dir": str(Path(p.data.dir).resolve()),
+        "epochs": t.epochs, "batch_size": t.batch_size, "crop_size": t.crop_size, "eval_size": t.eval_size,
+        "scale_min": t.scale_min, "scale_max": t.scale_max, "lr": t.lr, "momentum": t.momentum,
+        "weight_decay": t.weight_decay, "warmup_epochs": t.warmup_epochs, "poly_power": t.poly_power,
+        "aux_weight": t.aux_weight, "bn_momentum": t.bn_momentum, "amp": t.amp, "channels_last": t.channels_last, "grad_clip": t.grad_clip,
+        "eval_every": t.eval_every, "loader_workers": t.loader_workers,
+        "threads": max(1, int(p.ray.cpus_per_worker)),
+        **job.extra_config,
+    }
+
+
+# ------------------------------------------------------------------------------ worker side
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_loaders(cfg: dict, rank: int, world_size: int, epoch: int):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pipeline.data import BlockShuffleSampler, ShardDataset, eval_transform, train_transform
+
+    train_ds = ShardDataset(cfg["data_dir"], "train", train_transform(cfg["crop_size"], cfg["scale_min"], cfg["scale_max"]),
+                            rank=rank, world_size=world_size, pad=True)
+    val_ds = ShardDataset(cfg["data_dir"], "val", eval_transform(cfg["eval_size"]), rank=rank, world_size=world_size)
+    sampler = BlockShuffleSampler(train_ds, seed=cfg["seed"] * 100 + rank)
+    sampler.set_epoch(epoch)
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch * 101 + rank)
+    workers = cfg["loader_workers"]
+    common = {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False}
+    train = DataLoader(train_ds, batch_size=cfg["batch_size"], sampler=sampler, generator=gen,
+                       drop_last=len(train_ds) >= cfg["batch_size"], **common)
+    val = DataLoader(val_ds, batch_size=cfg["batch_size"], shuffle=False, **common)
+    return train, val
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Runs in every Ray Train worker (also inside each Ray Tune trial)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from pipeline import engine
+    from pipeline.metrics import scores
+    from seg_models import build_model
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if os.environ.get("SEGPIPE_PID_DIR"):  # lets the killed-worker test find us
+        Path(os.environ["SEGPIPE_PID_DIR"], f"worker-{rank}-{os.getpid()}").touch()
+    torch.set_num_threads(cfg["threads"])
+    _seed_everything(cfg["seed"])  # same init weights on every rank
+    device = ray.train.torch.get_device()
+    model = build_model(cfg["model"], num_classes=NUM_CLASSES, **cfg["options"])
+    engine.set_bn_momentum(model, cfg["bn_momentum"])
+    if world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    opts = engine.StepOptions(device=device, amp_dtype=engine.resolve_amp(cfg["amp"], device),
+                              aux_weight=cfg["aux_weight"], grad_clip=cfg["grad_clip"], channels_last=cfg["channels_last"])
+    train_loader, _ = build_loaders(cfg, rank, world, 0)
+    steps_per_epoch = max(1, len(train_loader))
+    optimizer = engine.make_optimizer(model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
+    scheduler = engine.poly_schedule(optimizer, cfg["epochs"] * steps_per_epoch,
+                                     int(cfg["warmup_epochs"] * steps_per_epoch), cfg["poly_power"])
+    scaler = torch.amp.GradScaler(device.type, enabled=opts.amp_dtype == torch.float16)
+    start_epoch = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        train_loader, val_loader = build_loaders(cfg, rank, world, epoch)
+        try:
+            stats = engine.train_epoch(model, train_loader, optimizer, scheduler, scaler, opts, epoch + 1)
+        except engine.NonFiniteLoss as exc:
+            raise RuntimeError(f"segpipe: {exc}") from None
+        sums = torch.tensor([stats["loss"] * stats["images"], stats["images"], stats["img_per_s"]], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+        metrics = {"epoch": epoch + 1, "train/loss": float(sums[0] / max(1.0, float(sums[1]))),
+                   "train/lr": stats["lr"], "train/img_per_s": float(sums[2])}
+        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
+            cm = engine.evaluate(model, val_loader, opts, NUM_CLASSES)
+            if world > 1:
+                dist.all_reduce(cm)
+            metrics.update({f"val/{k}": v for k, v in scores(cm).items()})
+            metrics["val/confusion_matrix"] = cm.tolist()
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                            "model_name": cfg["model"], "options": cfg["options"],
+                            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
+                           Path(tmp) / "state.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            report = cfg.get("report_fn")
+            if report:  # Ray Tune trial: the same step, reported through Tune
+                report(metrics, checkpoint)
+            else:
+                ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ------------------------------------------------------------------------------ driver side
+
+
+def make_epoch_callback(job: Job, progress_queue):
+    """A Ray Train UserCallback (runs in the controller): logs each reported epoch to MLflow and
+    sends one progress line per epoch to the driver through `progress_queue` (a ray Queue)."""
+    from ray.train import UserCallback
+
+    from pipeline.tracking import log_metrics
+
+    uri, run_id, epochs, label = job.tracking_uri, job.run_id, job.params.train.epochs, job.family
+
+    class EpochLogger(UserCallback):
+        def __init__(self):
+            self.t0 = time.time()  # the run's start (Ray set-up included), so the first ETA is honest
+            self.first_epoch = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0]
+            epoch = int(m["epoch"])
+            if self.first_epoch is None:  # a resumed run starts counting at its first new epoch
+                self.first_epoch = epoch - 1
+            log_metrics(uri, run_id, {k: v for k, v in m.items() if k.startswith(("train/", "val/"))}, step=epoch)
+            done = epoch - self.first_epoch
+            eta = (time.time() - self.t0) / max(1, done) * (epochs - epoch)
+            val = f"  val mIoU {m['val/mIoU']:.3f}" if "val/mIoU" in m else ""
+            progress_queue.put(f"[{label}] epoch {epoch}/{epochs}  loss {m['train/loss']:.4f}  "
+                               f"{m['train/img_per_s']:.1f} img/s{val}  ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+
+    return EpochLogger()
+
+
+class ProgressPrinter:
+    """Driver side of the progress channel: a thread printing what the controller sends."""
+
+    def __init__(self):
+        import threading
+
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+
+    def _pump(self):
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                print(self.queue.get(timeout=0.5), flush=True)
+            except Empty:
+                if self._stop.is_set():
+                    return
+            except Exception:  # the queue actor is gone (Ray shutting down)
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self.queue
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.queue.shutdown()
+        except Exception:
+            pass
+
+
+def ray_init(p: Params):
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = p.ray.address or os.environ.get("RAY_ADDRESS", "")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}}
+    # worker logs stay in Ray's session logs (progress comes through ProgressPrinter);
+    # SEGPIPE_RAY_LOGS=1 streams them here as well
+    logs = os.environ.get("SEGPIPE_RAY_LOGS", "") not in ("", "0")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=logs)
+    else:
+        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=logs)
+
+
+def use_gpu(p: Params) -> bool:
+    if p.ray.use_gpu == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(p.ray.use_gpu)
+
+
+def _ray_run_name(job: Job, storage: Path) -> str:
+    """resume: the latest run of this family/model/seed under storage; else a new timestamped one."""
+    prefix = f"{job.family}-{job.model}-seed{job.params.seed}"
+    if job.params.train.resume and storage.is_dir():
+        runs = sorted(d.name for d in storage.iterdir() if d.is_dir() and d.name.startswith(prefix + "-"))
+        if runs:
+            return runs[-1]
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def fit(job: Job, callbacks: list | None = None):
+    """Build and run the TorchTrainer for `job` (used by train and by every tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    p = job.params
+    gpu = use_gpu(p)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_config(job),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=p.ray.num_workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": p.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+        run_config=RunConfig(name=job.ray_name, storage_path=job.storage_path,
+                             failure_config=FailureConfig(max_failures=p.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=callbacks or []),
+    )
+    return trainer.fit()
+
+
+def load_checkpoint_model(path: str | Path):
+    """A state.pt of a Ray checkpoint or a <family>.pt -> (eval-mode model, state dict)."""
+    import torch
+
+    from seg_models import build_model
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(state["model_name"], num_classes=NUM_CLASSES, **state["options"])
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def train(p: Params, family: str | None = None, progress: bool = True) -> dict:
+    from pipeline import tracking
+
+    job = resolve_job(p, family)
+    check_data(p)
+    storage = Path(p.ray.storage_path).resolve()
+    job.storage_path = str(storage)
+    job.ray_name = _ray_run_name(job, storage)
+    marker = storage / job.ray_name / "segpipe_run.json"
+    if p.train.resume and marker.is_file():
+        job.run_id = json.loads(marker.read_text())["mlflow_run_id"]
+        tracking.client(job.tracking_uri).update_run(job.run_id, status="RUNNING")
+    else:
+        job.run_id = tracking.start_run(job.tracking_uri, p, family=job.family, model=job.model,
+                                        options=job.options, stage="train")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"mlflow_run_id": job.run_id}) + "\n")
+    print(f"[{job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}", flush=True)
+    started = time.time()
+    status = "FAILED"
+    try:
+        ray_init(p)
+        try:
+            with ProgressPrinter() as queue:
+                result = fit(job, callbacks=[make_epoch_callback(job, queue)])
+        except Exception as exc:  # Ray wraps worker errors; find ours
+            text = str(exc)
+            if "loss became NaN" in text:
+                import re
+
+                m = re.search(r"loss became NaN at epoch \d+ step \d+", text)
+                raise TrainingFailed(m.group(0) if m else "loss became NaN") from None
+            raise
+        summary = finish(job, result, time.time() - started)
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(job.tracking_uri, job.run_id, status)
+
+
+def finish(job: Job, result, seconds: float) -> dict:
+    """Artifacts and DVC outputs once fit() returned."""
+    import mlflow
+    import torch
+
+    from pipeline import tracking
+    from pipeline.reporting import confusion_png, prediction_grid
+
+    p = job.params
+    final = dict(result.metrics or {})
+    cm = final.pop("val/confusion_matrix", None)
+    with result.checkpoint.as_directory() as d:
+        model, state = load_checkpoint_model(Path(d) / "state.pt")
+    models_dir = Path(p.train.models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    out_model = models_dir / f"{job.family}.pt"
+    torch.save({"model_name": job.model, "options": job.options, "model": state["model"], "epoch": state["epoch"],
+                "mlflow_run_id": job.run_id}, out_model)
+
+    c = tracking.client(job.tracking_uri)
+    history = {}
+    for key in ("train/loss", "train/lr", "train/img_per_s", "val/mIoU", "val/pixel_acc", "val/mean_acc", "val/fwIoU"):
+        for m in c.get_metric_history(job.run_id, key):
+            history.setdefault(m.step, {})[key] = m.value
+    metrics_dir = Path(p.train.reports_dir) / "metrics"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"family": job.family, "model": job.model, "seed": p.seed, "epochs": p.train.epochs,
+               "mlflow_run_id": job.run_id, "train_seconds": round(seconds, 1),
+               **{k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("val/") and not k.startswith("val/iou/")},
+               "per_class_iou": {k.split("/")[-1]: v for k, v in final.items() if k.startswith("val/iou/")}}
+    (metrics_dir / f"{job.family}.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    with open(metrics_dir / f"{job.family}_epochs.csv", "w", newline="") as f:
+        cols = ["epoch", "train/loss", "train/lr", "train/img_per_s", "val/mIoU", "val/pixel_acc", "val/mean_acc", "val/fwIoU"]
+        w = csv.writer(f)
+        w.writerow([c.replace("/", "_") for c in cols])
+        for step in sorted(history):
+            w.writerow([step] + [history[step].get(k, "") for k in cols[1:]])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if cm is not None:
+            confusion_png(cm, tmp / "confusion_matrix.png", title=f"{job.family} ({job.model}) val confusion matrix")
+            with open(tmp / "confusion_matrix.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["true\\pred", *VOC_CLASSES])
+                for name, row in zip(VOC_CLASSES, cm):
+                    w.writerow([name, *row])
+        if p.train.sample_images:
+            prediction_grid(model, p.data.dir, p.train.eval_size, p.train.sample_images, tmp / "predictions.png",
+                            title=f"{job.family} ({job.model}): image | truth | prediction")
+        for f in tmp.iterdir():
+            c.log_artifact(job.run_id, str(f))
+        c.log_artifact(job.run_id, str(metrics_dir / f"{job.family}_epochs.csv"))
+        mlflow.set_tracking_uri(job.tracking_uri)
+        with mlflow.start_run(run_id=job.run_id):
+            example = torch.zeros(1, 3, p.train.eval_size, p.train.eval_size)
+            with torch.no_grad():
+                out = model(example)["out"]
+            sig = mlflow.models.infer_signature(example.numpy(), out.numpy())
+            mlflow.pytorch.log_model(model, name="model", signature=sig, serialization_format="pickle",
+                                     pip_requirements=["torch", "torchvision"],
+                                     code_paths=[str(Path(__file__).resolve().parent.parent / "seg_models")])
+    return summary
+
+
+def run(p: Params, args) -> int:
+    summary = train(p, family=args.family, progress=not args.quiet)
+    print(f"[{summary['family']}] done: val mIoU {summary.get('mIoU', float('nan')):.3f}, "
+          f"pixel acc {summary.get('pixel_acc', float('nan')):.3f} in {summary['train_seconds']:.0f}s "
+          f"(MLflow run {summary['mlflow_run_id']})")
+    return 0
