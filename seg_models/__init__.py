@@ -1,0 +1,13 @@
+"""Pure-PyTorch segmentation models: FCN, DeepLabV3, LRASPP and UNet on torchvision backbones.
+
+>>> model = build_model("deeplabv3_resnet50", num_classes=21, atrous_rates=(6, 12, 18), aux_loss=True)
+>>> model(images)["out"].shape  # N x 21 x H x W
+
+See ``list_models()``, ``model_info(name)`` and docs/models.md.
+"""
+
+from .backbones import BACKBONE_WEIGHTS
+from .registry import build_model, list_models, model_info
+from .summary import format_table, model_table
+
+__all__ = ["BACKBONE_WEIGHTS", "build_model", "format_table", "list_models", "model_info", "model_table"]

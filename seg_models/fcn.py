@@ -1,0 +1,79 @@
+"""FCN (Long et al. 2015): FCN-32s/16s/8s on VGG16, and torchvision's FCN-ResNet.
+
+VGG variants follow the paper: fc6/fc7 become convs, 1x1 score layers on fc7 / pool4 / pool3 (the skip
+scores zero-initialised), the coarse score map is upsampled 2x, cropped to the skip's size and added,
+and the result is upsampled to the input. Instead of the paper's 100-pixel input padding, the input is
+zero-padded at the bottom/right to a multiple of 32 and fc6 uses padding 3: every score map is then
+aligned with its pool (which unpooling needs) and the output is cropped back to the input size, so any
+input size works. ``upsample`` picks bilinear / transposed (bilinear-initialised, learnable) / unpool
+for every upsampling step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ._utils import SegmentationModel, fit, pad_to_multiple
+from .backbones import IntermediateLayerGetter, resnet, vgg16
+from .upsample import Upsample, spatial_indices
+
+_SKIPS = {32: (), 16: ("pool4",), 8: ("pool4", "pool3")}
+_SKIP_CHANNELS = {"pool4": 512, "pool3": 256}
+
+
+class FCNHead(nn.Sequential):
+    """torchvision's FCN head (also DeepLabV3's aux head)."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        inter_channels = in_channels // 4
+        super().__init__(
+            nn.Conv2d(in_channels, inter_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(inter_channels),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Conv2d(inter_channels, channels, 1),
+        )
+
+
+class FCNVGG(nn.Module):
+    """FCN-32s / 16s / 8s (``stride``) on VGG16."""
+
+    def __init__(self, num_classes: int, stride: int, upsample: str = "bilinear",
+                 backbone_weights: Optional[str] = None) -> None:
+        super().__init__()
+        self.skips = _SKIPS[stride]
+        self.upsample = upsample
+        self.backbone = vgg16(backbone_weights)
+        self.score_fr = nn.Conv2d(4096, num_classes, 1)
+        self.score_pool = nn.ModuleDict({p: nn.Conv2d(_SKIP_CHANNELS[p], num_classes, 1) for p in self.skips})
+        for conv in self.score_pool.values():
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.upscore_to = nn.ModuleDict({p: Upsample(upsample, num_classes, 2) for p in self.skips})
+        self.upscore = Upsample(upsample, num_classes, stride)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        size = x.shape[-2:]
+        x = pad_to_multiple(x, 32)
+        features = self.backbone(x)
+        pools = features["pools"]
+        if self.upsample == "unpool":  # score maps have num_classes channels: share one index per position
+            pools = [spatial_indices(features[f"pool{i + 1}"], p) for i, p in enumerate(pools)]
+        score, level = self.score_fr(features["fc7"]), 5  # level: how many pools `score` sits below
+        for name in self.skips:
+            skip = self.score_pool[name](features[name])
+            up = self.upscore_to[name](score, skip.shape[-2:], pools[level - 1: level])
+            score, level = up + skip, level - 1  # (Upsample crops to the skip's size) + element-wise add
+        out = self.upscore(score, x.shape[-2:], pools[:level][::-1])
+        return {"out": fit(out, size)}
+
+
+def fcn_resnet(num_classes: int, arch: str, aux_loss: bool = False, output_stride: int = 8,
+               backbone_weights: Optional[str] = None) -> SegmentationModel:
+    """torchvision's ``fcn_resnet50/101`` (same modules, same state_dict keys)."""
+    backbone = resnet(arch, output_stride, backbone_weights)
+    return_layers = {"layer4": "out", **({"layer3": "aux"} if aux_loss else {})}
+    return SegmentationModel(IntermediateLayerGetter(backbone, return_layers),
+                             FCNHead(2048, num_classes), FCNHead(1024, num_classes) if aux_loss else None)

@@ -1,0 +1,98 @@
+"""The model registry: every name, its family, backbone and options, in one table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from . import deeplabv3, fcn, lraspp, unet
+from ._utils import Option, file_path, positive_int, three_positive_ints
+from .upsample import METHODS
+
+
+@dataclass(frozen=True)
+class Entry:
+    family: str
+    backbone: Optional[str]  # key of BACKBONE_WEIGHTS, None when there is no pretrained backbone
+    builder: Callable[..., nn.Module]
+    options: dict[str, Option]
+
+
+AUX = Option.choice(False, (False, True))
+WEIGHTS = Option(None, "local file: torchvision ImageNet state dict of the backbone (never downloaded)", file_path)
+OUTPUT_STRIDE = Option.choice(8, (8, 16))
+RATES = Option(None, "three positive ints; default (12, 24, 36) at output_stride 8, (6, 12, 18) at 16",
+               three_positive_ints)
+MULTI_GRID = Option(None, "three positive ints: block4 unit rates = rate * multi_grid; default torchvision's "
+                          "block4 for aspp=parallel, (1, 2, 4) for aspp=cascade", three_positive_ints)
+ASPP = Option.choice("parallel", ("parallel", "cascade"))
+
+
+def _fcn_vgg(stride: int) -> Entry:
+    return Entry("fcn", "vgg16", partial(fcn.FCNVGG, stride=stride),
+                 {"upsample": Option.choice("bilinear", METHODS), "backbone_weights": WEIGHTS})
+
+
+def _resnet(builder: Callable, family: str, arch: str, **extra: Option) -> Entry:
+    return Entry(family, arch, partial(builder, arch=arch),
+                 {"aux_loss": AUX, "output_stride": OUTPUT_STRIDE, **extra, "backbone_weights": WEIGHTS})
+
+
+_DEEPLAB = {"atrous_rates": RATES, "aspp": ASPP, "multi_grid": MULTI_GRID}
+
+MODELS: dict[str, Entry] = {
+    "fcn32s_vgg16": _fcn_vgg(32),
+    "fcn16s_vgg16": _fcn_vgg(16),
+    "fcn8s_vgg16": _fcn_vgg(8),
+    "fcn_resnet50": _resnet(fcn.fcn_resnet, "fcn", "resnet50"),
+    "fcn_resnet101": _resnet(fcn.fcn_resnet, "fcn", "resnet101"),
+    "deeplabv3_resnet50": _resnet(deeplabv3.deeplabv3_resnet, "deeplabv3", "resnet50", **_DEEPLAB),
+    "deeplabv3_resnet101": _resnet(deeplabv3.deeplabv3_resnet, "deeplabv3", "resnet101", **_DEEPLAB),
+    "deeplabv3_mobilenet_v3_large": Entry(
+        "deeplabv3", "mobilenet_v3_large", deeplabv3.deeplabv3_mobilenet,
+        {"aux_loss": AUX, "atrous_rates": Option((12, 24, 36), "three positive ints", three_positive_ints),
+         "backbone_weights": WEIGHTS}),
+    "lraspp_mobilenet_v3_large": Entry("lraspp", "mobilenet_v3_large", lraspp.lraspp_mobilenet,
+                                       {"backbone_weights": WEIGHTS}),
+    "unet": Entry("unet", None, unet.UNet, {
+        "upsample": Option.choice("transposed", METHODS),
+        "base_channels": Option(64, "positive int: channels of the first level (doubled at each down)", positive_int),
+        "batch_norm": Option.choice(True, (True, False))}),
+    "unet_resnet50": Entry("unet", "resnet50", partial(unet.ResNetUNet, arch="resnet50"),
+                           {"upsample": Option.choice("transposed", ("bilinear", "transposed")),
+                            "backbone_weights": WEIGHTS}),
+}
+
+
+def list_models() -> list[str]:
+    return list(MODELS)
+
+
+def _entry(name: str) -> Entry:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """family, backbone (key of BACKBONE_WEIGHTS or None), options (name -> list of allowed values or a
+    description) and defaults."""
+    entry = _entry(name)
+    return {"family": entry.family, "backbone": entry.backbone,
+            "options": {k: o.allowed for k, o in entry.options.items()},
+            "defaults": {k: o.default for k, o in entry.options.items()}}
+
+
+def build_model(name: str, num_classes: int = 21, **options: Any) -> nn.Module:
+    """Build a registered model; invalid names, options or values raise ValueError naming them."""
+    entry = _entry(name)
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        raise ValueError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)} for model {name!r}; "
+                         f"valid options: {', '.join(entry.options) or 'none'}")
+    positive_int("num_classes", num_classes)
+    kwargs = {k: o.parse(k, options[k]) if k in options else o.default for k, o in entry.options.items()}
+    return entry.builder(num_classes=num_classes, **kwargs)

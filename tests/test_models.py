@@ -1,0 +1,323 @@
+"""seg_models: registry, shapes, training step, upsamplers, options, torchvision equivalence, weights."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import pathlib
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import models as tvm
+from torchvision.models import segmentation as tvs
+
+import seg_models
+from seg_models import BACKBONE_WEIGHTS, build_model, list_models, model_info
+from seg_models.upsample import Upsample, bilinear_kernel, max_pool, spatial_indices
+
+NAMES = ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50",
+         "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "unet", "unet_resnet50"]
+SMALL = {"unet": {"base_channels": 8}}  # keep the plain UNet cheap; every other model at its defaults
+ODD = (45, 61)  # odd, not a multiple of any stride: FCN pads it to 64x64, UNet/ResNet floor at every stride
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _meta(name: str, **options) -> nn.Module:
+    """Build on the meta device: structure and shapes only, nothing allocated."""
+    with torch.device("meta"):
+        return build_model(name, **options)
+
+
+def _first_conv(model: nn.Module) -> nn.Conv2d:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+# --------------------------------------------------------------------------- registry
+def test_registry_lists_every_model_with_info():
+    assert list_models() == NAMES
+    families = {"fcn": 5, "deeplabv3": 3, "lraspp": 1, "unet": 2}
+    assert {f: sum(model_info(n)["family"] == f for n in NAMES) for f in families} == families
+    for name in NAMES:
+        info = model_info(name)
+        assert set(info["options"]) == set(info["defaults"])
+        assert info["backbone"] is None or info["backbone"] in BACKBONE_WEIGHTS
+    assert model_info("fcn8s_vgg16")["options"]["upsample"] == ["bilinear", "transposed", "unpool"]
+    assert model_info("unet_resnet50")["options"]["upsample"] == ["bilinear", "transposed"]
+    for url, fname in BACKBONE_WEIGHTS.values():
+        assert url == "https://download.pytorch.org/models/" + fname
+
+
+def test_seg_models_imports_only_torch():
+    """seg_models stays free of the pipeline's stack (ray, mlflow, dvc, ...): only torch/torchvision/stdlib."""
+    package = pathlib.Path(seg_models.__file__).parent
+    imported = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    assert imported - set(sys.stdlib_module_names) == {"torch", "torchvision"}
+
+
+# --------------------------------------------------------------------------- every model trains one step
+def _cases():
+    for name in NAMES:
+        for method in model_info(name)["options"].get("upsample", [None]):
+            options = {**SMALL.get(name, {}), **({"upsample": method} if method else {})}
+            marks = [pytest.mark.slow] if "resnet101" in name else []
+            yield pytest.param(name, options, id=f"{name}-{method or 'default'}", marks=marks)
+    yield pytest.param("deeplabv3_resnet50", {"aspp": "cascade", "output_stride": 16}, id="deeplabv3-cascade")
+    yield pytest.param("deeplabv3_mobilenet_v3_large", {"aux_loss": True}, id="deeplabv3_mobilenet-aux")
+
+
+@pytest.mark.parametrize("name, options", list(_cases()))
+def test_odd_size_output_gradients_and_one_sgd_step(name, options):
+    model = build_model(name, num_classes=5, **options).train()
+    x = torch.randn(2, 3, *ODD)
+    target = torch.randint(0, 5, (2, *ODD))
+    target[:, :5] = 255  # void rows are ignored
+    out = model(x)
+    assert out["out"].shape == (2, 5, *ODD)
+    assert ("aux" in out) == options.get("aux_loss", False)
+    loss = sum(F.cross_entropy(v, target, ignore_index=255) for v in out.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    first = _first_conv(model)
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    before = first.weight.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    assert not torch.equal(before, first.weight)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fcn_skip_scores_are_fused_by_addition():
+    assert [len(_meta(f"fcn{s}s_vgg16").score_pool) for s in (32, 16, 8)] == [0, 1, 2]
+    model = build_model("fcn8s_vgg16", num_classes=3).eval()
+    assert all(conv.weight.abs().sum() == 0 for conv in model.score_pool.values())  # zero-initialised (paper)
+    x = torch.randn(1, 3, *ODD)
+    with torch.no_grad():
+        base = model(x)["out"]
+        model.score_pool["pool4"].bias.fill_(0.25)
+        model.score_pool["pool3"].bias.fill_(0.5)
+        shifted = model(x)["out"]
+    torch.testing.assert_close(shifted, base + 0.75, atol=1e-5, rtol=0)  # bilinear keeps constants
+
+
+# --------------------------------------------------------------------------- upsampling
+@pytest.mark.parametrize("scale", [2, 8, 32])
+def test_transposed_starts_as_bilinear_interpolation(scale):
+    up = Upsample("transposed", 3, scale)
+    assert up.deconv.weight.requires_grad and up.deconv.kernel_size == (2 * scale,) * 2
+    x = torch.randn(2, 3, 5, 7)
+    size = (5 * scale, 7 * scale)
+    y = up(x, size)
+    ref = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    assert y.shape == ref.shape
+    b = scale // 2  # ConvTranspose2d(k=2s, stride s, padding s/2) == interpolate except the outer s/2 rows/cols
+    torch.testing.assert_close(y[..., b:-b, b:-b], ref[..., b:-b, b:-b], atol=1e-5, rtol=0)
+    assert not torch.allclose(y[..., :b, :], ref[..., :b, :], atol=1e-3)  # there interpolate clamps, deconv sees 0
+
+
+def test_bilinear_kernel_values():
+    k = bilinear_kernel(2, 2)
+    one_d = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    torch.testing.assert_close(k[0, 0], one_d[:, None] * one_d[None, :])
+    assert k[0, 1].abs().sum() == 0 and torch.equal(k[1, 1], k[0, 0])
+
+
+def test_fcn_transposed_layers_start_bilinear_and_learn():
+    model = _meta("fcn8s_vgg16", upsample="transposed")
+    deconvs = {n: m for n, m in model.named_modules() if isinstance(m, nn.ConvTranspose2d)}
+    assert {n: m.stride for n, m in deconvs.items()} == {
+        "upscore_to.pool4.deconv": (2, 2), "upscore_to.pool3.deconv": (2, 2), "upscore.deconv": (8, 8)}
+    real = build_model("unet", base_channels=4, upsample="transposed")
+    deconv = real.up[0].up.deconv
+    assert torch.equal(deconv.weight.detach(), bilinear_kernel(32, 2)) and deconv.weight.requires_grad
+
+
+@pytest.mark.parametrize("hw", [(8, 10), (9, 11)])
+def test_unpool_puts_values_only_at_pooled_positions(hw):
+    x = torch.randn(2, 4, *hw)
+    pooled, pool = max_pool(x)
+    y = Upsample("unpool", 4, 2)(pooled, hw, [pool])
+    assert y.shape == x.shape
+    nonzero = y != 0
+    assert nonzero.sum() == pooled.numel()  # one value per pooling window ...
+    assert torch.equal(y[nonzero], x[nonzero])  # ... at the position of its maximum
+    windows = nonzero[..., : hw[0] // 2 * 2, : hw[1] // 2 * 2].float()
+    assert torch.equal(F.avg_pool2d(windows, 2) * 4, torch.ones_like(pooled))
+    assert not nonzero[..., hw[0] // 2 * 2:, :].any()  # a row the pool dropped stays zero
+
+    # score maps with other channel counts share one index per window (the strongest channel's)
+    shared = spatial_indices(pooled, pool)
+    assert shared.indices.shape == (2, 1, hw[0] // 2, hw[1] // 2)
+    scores = torch.rand(2, 3, hw[0] // 2, hw[1] // 2) + 1
+    y = Upsample("unpool", 3, 2)(scores, hw, [shared])
+    assert torch.equal((y != 0).sum(1), (y[:, :1] != 0).sum(1) * 3)  # same positions in every channel
+    assert torch.equal(y.flatten(2).gather(2, shared.indices.flatten(2).expand(-1, 3, -1)), scores.flatten(2))
+
+
+def test_fcn32s_unpool_output_has_one_value_per_32x32_window():
+    model = build_model("fcn32s_vgg16", num_classes=3, upsample="unpool").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))["out"]
+    per_window = F.avg_pool2d((out != 0).float(), 32) * 32 * 32
+    assert torch.equal(per_window, torch.ones_like(per_window))
+
+
+# --------------------------------------------------------------------------- DeepLabV3 options
+def _aspp_dilations(model) -> list[int]:
+    return [branch[0].dilation[0] for branch in model.classifier[0].convs[1:4]]
+
+
+def test_atrous_rates_and_output_stride():
+    assert _aspp_dilations(_meta("deeplabv3_resnet50")) == [12, 24, 36]
+    model = _meta("deeplabv3_resnet50", atrous_rates=[3, 5, 7])
+    assert _aspp_dilations(model) == [3, 5, 7]
+    assert [b[0].padding[0] for b in model.classifier[0].convs[1:4]] == [3, 5, 7]
+    assert _aspp_dilations(_meta("deeplabv3_mobilenet_v3_large", atrous_rates=(2, 4, 6))) == [2, 4, 6]
+    os16 = _meta("deeplabv3_resnet101", output_stride=16)
+    assert _aspp_dilations(os16) == [6, 12, 18]  # paper: rates halve with the output stride
+    x = torch.zeros(1, 3, 64, 64, device="meta")
+    assert os16.backbone(x)["out"].shape[-2:] == (4, 4)
+    assert _meta("deeplabv3_resnet50").backbone(x)["out"].shape[-2:] == (8, 8)
+
+
+def test_cascade_blocks_use_multi_grid_rates():
+    model = _meta("deeplabv3_resnet50", aspp="cascade", output_stride=16)
+    layer4 = [unit.conv2.dilation[0] for unit in model.backbone.layer4]
+    blocks = [[unit.conv2.dilation[0] for unit in block] for block in list(model.classifier)[:3]]
+    assert layer4 == [2, 4, 8]  # block4 rate 2 x multi-grid (1, 2, 4)
+    assert blocks == [[4, 8, 16], [8, 16, 32], [16, 32, 64]]
+    grid = _meta("deeplabv3_resnet50", aspp="cascade", multi_grid=(1, 2, 1))
+    assert [u.conv2.dilation[0] for u in grid.classifier[0]] == [8, 16, 8]
+    assert not any(isinstance(m, seg_models.deeplabv3.ASPP) for m in model.modules())
+
+
+INVALID = [
+    ("deeplabv3_resnet50", {"atrous_rates": (6, 12)}, "atrous_rates must be three positive ints, got (6, 12)"),
+    ("deeplabv3_resnet50", {"atrous_rates": (0, 12, 24)}, "atrous_rates"),
+    ("deeplabv3_mobilenet_v3_large", {"atrous_rates": "6,12,18"}, "atrous_rates"),
+    ("deeplabv3_resnet50", {"output_stride": 4}, "output_stride"),
+    ("deeplabv3_resnet50", {"aspp": "foo"}, "aspp"),
+    ("deeplabv3_resnet50", {"aspp": "cascade", "atrous_rates": (6, 12, 18)}, "atrous_rates"),
+    ("deeplabv3_resnet50", {"multi_grid": (1, 2)}, "multi_grid"),
+    ("fcn8s_vgg16", {"upsample": "nearest"}, "upsample"),
+    ("unet_resnet50", {"upsample": "unpool"}, "upsample"),
+    ("unet", {"base_channels": 0}, "base_channels"),
+    ("fcn_resnet50", {"aux_loss": "yes"}, "aux_loss"),
+    ("lraspp_mobilenet_v3_large", {"aux_loss": True}, "aux_loss"),
+    ("unet", {"backbone_weights": None}, "backbone_weights"),
+    ("unet", {"dropout": 0.1}, "dropout"),
+    ("fcn_resnet50", {"backbone_weights": "/nonexistent/resnet50-0676ba61.pth"}, "backbone_weights"),
+    ("fcn_resnet50", {"num_classes": 0}, "num_classes"),
+    ("deeplabv3_resnet18", {}, "deeplabv3_resnet18"),
+]
+
+
+@pytest.mark.parametrize("name, options, message", INVALID, ids=[f"{n}-{m[:20]}" for n, _, m in INVALID])
+def test_invalid_options_raise_value_error_naming_the_option(name, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_model(name, **options)
+
+
+# --------------------------------------------------------------------------- torchvision equivalence
+TORCHVISION = [
+    pytest.param(name, aux, id=f"{name}-aux{aux}", marks=[pytest.mark.slow] if "101" in name else [])
+    for name in ["fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+                 "deeplabv3_mobilenet_v3_large"] for aux in (False, True)
+] + [pytest.param("lraspp_mobilenet_v3_large", None, id="lraspp_mobilenet_v3_large")]
+
+
+@pytest.mark.parametrize("name, aux", TORCHVISION)
+def test_matches_torchvision(name, aux):
+    kwargs = {} if aux is None else {"aux_loss": aux}
+    ref = getattr(tvs, name)(weights=None, weights_backbone=None, num_classes=21, **kwargs).eval()
+    ours = build_model(name, num_classes=21, **kwargs).eval()
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 67, 93)
+    with torch.no_grad():
+        expected, got = ref(x), ours(x)
+    assert list(got) == list(expected) == (["out", "aux"] if aux else ["out"])
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- backbone weights
+@pytest.fixture(scope="module")
+def resnet50_file(tmp_path_factory):
+    state = tvm.resnet50(weights=None).state_dict()
+    path = tmp_path_factory.mktemp("weights") / "rn50.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_backbone_weights_load_resnet(resnet50_file):
+    path, state = resnet50_file
+    model = build_model("deeplabv3_resnet50", backbone_weights=str(path))
+    assert torch.equal(model.backbone.layer3[2].conv2.weight, state["layer3.2.conv2.weight"])
+    assert torch.equal(model.backbone.bn1.running_var, state["bn1.running_var"])
+    unet = build_model("unet_resnet50", backbone_weights=path)
+    assert torch.equal(unet.encoder.conv1.weight, state["conv1.weight"])
+
+
+def test_backbone_weights_load_vgg_and_mobilenet(tmp_path):
+    vgg = tvm.vgg16(weights=None).state_dict()
+    torch.save(vgg, tmp_path / "vgg.pth")
+    fcn = build_model("fcn8s_vgg16", backbone_weights=tmp_path / "vgg.pth")
+    assert torch.equal(fcn.backbone.features[28].weight, vgg["features.28.weight"])
+    assert torch.equal(fcn.backbone.fc[0].weight.flatten(1), vgg["classifier.0.weight"])  # fc6 as a 7x7 conv
+    assert torch.equal(fcn.backbone.fc[3].weight.flatten(1), vgg["classifier.3.weight"])
+    mobilenet = tvm.mobilenet_v3_large(weights=None).state_dict()
+    torch.save(mobilenet, tmp_path / "mnv3.pth")
+    lraspp = build_model("lraspp_mobilenet_v3_large", backbone_weights=str(tmp_path / "mnv3.pth"))
+    assert torch.equal(lraspp.backbone["16"][0].weight, mobilenet["features.16.0.weight"])
+
+
+def test_backbone_weights_sha_prefix_and_mismatches(resnet50_file, tmp_path):
+    path, state = resnet50_file
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    good = tmp_path / f"resnet50-{digest[:8]}.pth"
+    good.symlink_to(path)
+    model = build_model("fcn_resnet50", backbone_weights=str(good))  # torchvision name, right hash
+    assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"])
+    bad_hash = "0676ba61" if not digest.startswith("0676ba61") else "12345678"
+    bad = tmp_path / f"resnet50-{bad_hash}.pth"
+    bad.symlink_to(path)
+    with pytest.raises(ValueError, match="backbone_weights: sha256"):
+        build_model("fcn_resnet50", backbone_weights=str(bad))
+    with pytest.raises(ValueError, match="backbone_weights: resnet50-.* holds resnet50 weights, .* mobilenet_v3_large"):
+        build_model("lraspp_mobilenet_v3_large", backbone_weights=str(good))
+    with pytest.raises(ValueError, match="backbone_weights: .* not a torchvision resnet101 state dict"):
+        build_model("fcn_resnet101", backbone_weights=str(path))
+
+
+# --------------------------------------------------------------------------- summary table
+def test_model_table_and_format():
+    rows = seg_models.model_table(size=64)
+    assert [r["name"] for r in rows] == NAMES
+    by_name = {r["name"]: r for r in rows}
+    lraspp = build_model("lraspp_mobilenet_v3_large").eval()
+    assert by_name["lraspp_mobilenet_v3_large"]["params"] == sum(p.numel() for p in lraspp.parameters()) == 3221538
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        lraspp(torch.zeros(1, 3, 64, 64))
+    assert by_name["lraspp_mobilenet_v3_large"]["gflops"] == round(counter.get_total_flops() / 1e9, 2) > 0
+    assert by_name["unet"]["options"] == ["upsample", "base_channels", "batch_norm"]
+    assert all(r["gflops"] > 0 for r in rows)
+    text = seg_models.format_table(rows)
+    lines = text.splitlines()
+    assert len(lines) == len(NAMES) + 2 and len({len(line) for line in lines}) == 1
+    assert lines[0].startswith("| model") and all(name in text for name in NAMES)
