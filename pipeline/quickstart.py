@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import flatten, load_params
+from pipeline.config import load_params
 from pipeline.errors import UserError
 
 NEEDS_PARAMS = False
@@ -33,13 +33,17 @@ def profile_overrides(name: str) -> list[str]:
     if not path.is_file():
         have = sorted(p.stem for p in PROFILES.glob("*.yaml"))
         raise UserError(f"no profile {name!r} in {PROFILES} (have {have}) (--profile)")
-    raw = yaml.safe_load(path.read_text()) or {}
-    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in flatten(raw).items()]
+    raw = yaml.safe_load(path.read_text()) or {}  # dotted keys; a mapping value replaces the whole entry
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in raw.items()]
 
 
 def run(_params, args) -> int:
     overrides = profile_overrides(args.profile) + list(args.overrides)
     p = load_params(args.params, overrides)  # bad overrides fail here, before DVC runs anything
+    from pipeline.train import check_model
+
+    for fam in p.families.values():
+        check_model(fam.model, fam.options)
     dvc = Path(sys.executable).with_name("dvc")
     cmd = [str(dvc) if dvc.exists() else "dvc", "exp", "run"]
     for o in overrides:
@@ -55,4 +59,19 @@ def run(_params, args) -> int:
     manifest = load_manifest(p.data.dir)
     counts = ", ".join(f"{info['count']} {s}" for s, info in manifest["splits"].items())
     print(f"\nquickstart done: {manifest['source']} data, {counts} images in {Path(p.data.dir) / 'shards'}")
+    print(summary_table(p))
     return 0
+
+
+def summary_table(p) -> str:
+    """The families' final val metrics, from the train stage's reports/metrics/<family>.json."""
+    rows = [f"{'family':<10} {'model':<30} {'val mIoU':>8} {'pixel acc':>9} {'train s':>8}"]
+    for fam in p.families:
+        path = Path(p.train.reports_dir) / "metrics" / f"{fam}.json"
+        if not path.is_file():
+            rows.append(f"{fam:<10} (not trained: {path} missing)")
+            continue
+        m = json.loads(path.read_text())
+        rows.append(f"{fam:<10} {m['model']:<30} {m.get('mIoU', float('nan')):>8.3f} "
+                    f"{m.get('pixel_acc', float('nan')):>9.3f} {m.get('train_seconds', 0):>8.0f}")
+    return "\n".join(rows)

@@ -3,6 +3,7 @@ standard tags and flattened params, metric logging and final status."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -18,6 +19,25 @@ def resolve_tracking_uri(uri: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return uri
+
+
+@contextlib.contextmanager
+def fluent_uri(uri: str):
+    """mlflow.set_tracking_uri for a block. set_tracking_uri also exports MLFLOW_TRACKING_URI,
+    which would send every later run of this process to this store: restore both after."""
+    import mlflow
+
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
 def client(uri: str):

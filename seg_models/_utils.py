@@ -84,6 +84,12 @@ def positive_int(name: str, value: Any) -> int:
     return value
 
 
+def unit_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
 def three_positive_ints(name: str, value: Any) -> Optional[tuple[int, int, int]]:
     if value is None:
         return None

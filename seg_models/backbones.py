@@ -116,8 +116,17 @@ class VGG16Backbone(nn.Module):
         super().__init__()
         self.features = vgg.features
         fc6, fc7 = vgg.classifier[0], vgg.classifier[3]
-        self.fc = nn.Sequential(_linear_as_conv(fc6, 512, 7, padding=3), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                                _linear_as_conv(fc7, 4096, 1), nn.ReLU(inplace=True), nn.Dropout(0.5))
+        self.channels: dict[str, int] = {}  # pool1..pool5, fc7 -> channels
+        last = 3
+        for layer in vgg.features:
+            if isinstance(layer, nn.Conv2d):
+                last = layer.out_channels
+            elif isinstance(layer, nn.MaxPool2d):
+                self.channels[f"pool{len(self.channels) + 1}"] = last
+        self.channels["fc7"] = fc7.out_features
+        self.fc = nn.Sequential(_linear_as_conv(fc6, self.channels["pool5"], 7, padding=3), nn.ReLU(inplace=True),
+                                nn.Dropout(0.5), _linear_as_conv(fc7, fc6.out_features, 1), nn.ReLU(inplace=True),
+                                nn.Dropout(0.5))
 
     def forward(self, x: Tensor) -> dict:
         out: dict = {"pools": []}
@@ -132,5 +141,18 @@ class VGG16Backbone(nn.Module):
         return out
 
 
-def vgg16(weights: Optional[str] = None) -> VGG16Backbone:
-    return VGG16Backbone(load_backbone_weights(tvm.vgg16(weights=None), weights, "vgg16"))
+def vgg16(weights: Optional[str] = None, width: float = 1.0, batch_norm: bool = False) -> VGG16Backbone:
+    """torchvision's VGG16 (``vgg16_bn`` layout with batch_norm). ``width`` < 1 scales every conv
+    and fc layer's channels (for CPU runs; ImageNet weights then cannot apply)."""
+    if width == 1.0 and not batch_norm:
+        return VGG16Backbone(load_backbone_weights(tvm.vgg16(weights=None), weights, "vgg16"))
+    if weights is not None:
+        raise ValueError("backbone_weights needs the paper's VGG16: width 1 and batch_norm False")
+    from torchvision.models.vgg import cfgs, make_layers
+
+    cfg = [v if v == "M" else max(8, round(v * width)) for v in cfgs["D"]]
+    fc = max(16, round(4096 * width))
+    vgg = tvm.VGG(make_layers(cfg, batch_norm=batch_norm), init_weights=True)
+    vgg.classifier = nn.Sequential(nn.Linear(cfg[-2] * 49, fc), nn.ReLU(True), nn.Dropout(),
+                                   nn.Linear(fc, fc), nn.ReLU(True), nn.Dropout(), nn.Linear(fc, 1000))
+    return VGG16Backbone(vgg)

@@ -20,7 +20,6 @@ from .backbones import IntermediateLayerGetter, resnet, vgg16
 from .upsample import Upsample, spatial_indices
 
 _SKIPS = {32: (), 16: ("pool4",), 8: ("pool4", "pool3")}
-_SKIP_CHANNELS = {"pool4": 512, "pool3": 256}
 
 
 class FCNHead(nn.Sequential):
@@ -41,13 +40,14 @@ class FCNVGG(nn.Module):
     """FCN-32s / 16s / 8s (``stride``) on VGG16."""
 
     def __init__(self, num_classes: int, stride: int, upsample: str = "bilinear",
-                 backbone_weights: Optional[str] = None) -> None:
+                 backbone_weights: Optional[str] = None, width: float = 1.0, batch_norm: bool = False) -> None:
         super().__init__()
         self.skips = _SKIPS[stride]
         self.upsample = upsample
-        self.backbone = vgg16(backbone_weights)
-        self.score_fr = nn.Conv2d(4096, num_classes, 1)
-        self.score_pool = nn.ModuleDict({p: nn.Conv2d(_SKIP_CHANNELS[p], num_classes, 1) for p in self.skips})
+        self.backbone = vgg16(backbone_weights, width=width, batch_norm=batch_norm)
+        channels = self.backbone.channels
+        self.score_fr = nn.Conv2d(channels["fc7"], num_classes, 1)
+        self.score_pool = nn.ModuleDict({p: nn.Conv2d(channels[p], num_classes, 1) for p in self.skips})
         for conv in self.score_pool.values():
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)

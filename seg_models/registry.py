@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from . import deeplabv3, fcn, lraspp, unet
-from ._utils import Option, file_path, positive_int, three_positive_ints
+from ._utils import Option, file_path, positive_int, three_positive_ints, unit_fraction
 from .upsample import METHODS
 
 
@@ -33,7 +33,10 @@ ASPP = Option.choice("parallel", ("parallel", "cascade"))
 
 def _fcn_vgg(stride: int) -> Entry:
     return Entry("fcn", "vgg16", partial(fcn.FCNVGG, stride=stride),
-                 {"upsample": Option.choice("bilinear", METHODS), "backbone_weights": WEIGHTS})
+                 {"upsample": Option.choice("bilinear", METHODS), "backbone_weights": WEIGHTS,
+                  "width": Option(1.0, "channel multiplier in (0, 1]; 1 = the paper's VGG16 (CPU runs use less)",
+                                  unit_fraction),
+                  "batch_norm": Option.choice(False, (False, True))})
 
 
 def _resnet(builder: Callable, family: str, arch: str, **extra: Option) -> Entry:

@@ -321,3 +321,18 @@ def test_model_table_and_format():
     lines = text.splitlines()
     assert len(lines) == len(NAMES) + 2 and len({len(line) for line in lines}) == 1
     assert lines[0].startswith("| model") and all(name in text for name in NAMES)
+
+
+def test_fcn_vgg_width_and_batch_norm():
+    """The CPU-sized VGG FCN: channels scale with width, BN layers appear, output stays at input size."""
+    full = build_model("fcn8s_vgg16")
+    small = build_model("fcn8s_vgg16", width=0.25, batch_norm=True)
+    convs = [m for m in small.backbone.features if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs][:3] == [16, 16, 32]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in small.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in full.modules())
+    assert small.score_fr.in_channels == 1024 and small.score_pool["pool4"].in_channels == 128
+    assert small(torch.randn(1, 3, 45, 61))["out"].shape == (1, 21, 45, 61)
+    for bad in (0, 1.5, "half", True):
+        with pytest.raises(ValueError, match="width"):
+            build_model("fcn8s_vgg16", width=bad)
