@@ -220,19 +220,17 @@ def train_loop_per_worker(cfg: dict) -> None:
                             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
                            Path(tmp) / "state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            report = cfg.get("report_fn")
-            if report:  # Ray Tune trial: the same step, reported through Tune
-                report(metrics, checkpoint)
-            else:
-                ray.train.report(metrics, checkpoint=checkpoint)
+            # inside a Ray Tune trial, TuneReportCallback forwards this report to Tune
+            ray.train.report(metrics, checkpoint=checkpoint)
 
 
 # ------------------------------------------------------------------------------ driver side
 
 
-def make_epoch_callback(job: Job, progress_queue):
+def make_epoch_callback(job: Job, progress_queue=None):
     """A Ray Train UserCallback (runs in the controller): logs each reported epoch to MLflow and
-    sends one progress line per epoch to the driver through `progress_queue` (a ray Queue)."""
+    sends one progress line per epoch to the driver through `progress_queue` (a ray Queue;
+    None: no progress lines, as in Tune trials, where Tune prints its own table)."""
     from ray.train import UserCallback
 
     from pipeline.tracking import log_metrics
@@ -253,8 +251,9 @@ def make_epoch_callback(job: Job, progress_queue):
             done = epoch - self.first_epoch
             eta = (time.time() - self.t0) / max(1, done) * (epochs - epoch)
             val = f"  val mIoU {m['val/mIoU']:.3f}" if "val/mIoU" in m else ""
-            progress_queue.put(f"[{label}] epoch {epoch}/{epochs}  loss {m['train/loss']:.4f}  "
-                               f"{m['train/img_per_s']:.1f} img/s{val}  ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+            if progress_queue is not None:
+                progress_queue.put(f"[{label}] epoch {epoch}/{epochs}  loss {m['train/loss']:.4f}  "
+                                   f"{m['train/img_per_s']:.1f} img/s{val}  ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
 
     return EpochLogger()
 
