@@ -34,7 +34,32 @@ def profile_overrides(name: str) -> list[str]:
         have = sorted(p.stem for p in PROFILES.glob("*.yaml"))
         raise UserError(f"no profile {name!r} in {PROFILES} (have {have}) (--profile)")
     raw = yaml.safe_load(path.read_text()) or {}  # dotted keys; a mapping value replaces the whole entry
-    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in raw.items()]
+    return [f"{k}={override_value(v)}" for k, v in raw.items()]
+
+
+def dvc_set_params(overrides: list[str]) -> list[str]:
+    """Our overrides as `dvc exp run -S` arguments (Hydra's grammar): `++k=v` sets a key even when
+    params.yaml lacks it; Hydra merges a mapping into the existing one, so a mapping value is set
+    as `k=null` first: replaced whole, as our -S does."""
+    out = []
+    for o in overrides:
+        key, value = o.split("=", 1)
+        if value.startswith("{"):
+            out += ["-S", f"++{key}=null"]
+        out += ["-S", f"++{key}={value}"]
+    return out
+
+
+def override_value(v) -> str:
+    """A value as `dvc exp run -S` (Hydra's override grammar) and our YAML -S parser both read it:
+    `{a: 1, b: x}`, `[1, 2]`, `true`, `null`."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {override_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(override_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return v
+    return json.dumps(v)  # numbers, true/false, null
 
 
 def run(_params, args) -> int:
@@ -45,9 +70,7 @@ def run(_params, args) -> int:
     for fam in p.families.values():
         check_model(fam.model, fam.options)
     dvc = Path(sys.executable).with_name("dvc")
-    cmd = [str(dvc) if dvc.exists() else "dvc", "exp", "run"]
-    for o in overrides:
-        cmd += ["-S", o]
+    cmd = [str(dvc) if dvc.exists() else "dvc", "exp", "run", *dvc_set_params(overrides)]
     if args.dry_run:
         print(" ".join(cmd))
         return 0
