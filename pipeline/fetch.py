@@ -110,7 +110,57 @@ def fetch(p: Params, progress: bool = True) -> RawLayout:
     return layout
 
 
+WEIGHTS_DIR = Path("weights")
+
+
+def fetch_weights(p: Params, progress: bool = True) -> list[Path]:
+    """Download the ImageNet backbone files that families.*.options.backbone_weights name
+    (torchvision's published files; their names embed a sha256 prefix, checked here). Writes
+    weights/manifest.json (also when no family names one) for DVC."""
+    import json
+
+    from pipeline.download import sha256sum
+    from seg_models import BACKBONE_WEIGHTS, model_info
+
+    got: dict[str, str] = {}
+    for fam, spec in p.families.items():
+        where = f"families.{fam}.options.backbone_weights"
+        path = spec.options.get("backbone_weights")
+        if not path:
+            continue
+        path = Path(path)
+        backbone = model_info(spec.model).get("backbone")
+        if backbone not in BACKBONE_WEIGHTS:
+            raise UserError(f"{spec.model} has no ImageNet backbone to load ({where})")
+        url, fname = BACKBONE_WEIGHTS[backbone]
+        if not path.is_file():
+            if path.name != fname:
+                raise UserError(f"{path} not found; torchvision's {backbone} file is {fname} from {url} ({where})")
+            try:
+                download(url, path, md5=None, timeout=p.data.download_timeout_s, progress=progress)
+            except UserError as exc:
+                raise UserError(f"{exc} — or download {url} elsewhere and put it at {path} ({where})") from None
+        prefix = fname.rsplit("-", 1)[-1].split(".")[0]
+        if path.name == fname and not sha256sum(path).startswith(prefix):
+            raise UserError(f"{path}: sha256 does not start with {prefix}: a corrupt or different file; "
+                            f"delete it and re-run `segpipe fetch --weights` ({where})")
+        got[fam] = str(path)
+    WEIGHTS_DIR.mkdir(exist_ok=True)
+    (WEIGHTS_DIR / "manifest.json").write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+    return [Path(v) for v in got.values()]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--weights", action="store_true",
+                        help="instead of the dataset, fetch the ImageNet backbone weights that "
+                             "families.*.options.backbone_weights name (torchvision's files, hash-checked)")
+
+
 def run(p: Params, args) -> int:
+    if getattr(args, "weights", False):
+        files = fetch_weights(p, progress=not args.quiet)
+        print(f"backbone weights ready: {', '.join(map(str, files)) or 'none named by the families'}")
+        return 0
     layout = fetch(p, progress=not getattr(args, "quiet", False))
     root = layout.root(Path(p.data.dir) / "raw")
     counts = {s: sum(1 for line in (root / rel).read_text().split() if line) for s, rel in layout.splits.items()}
