@@ -42,7 +42,23 @@ STAGES: dict[str, tuple[str, str, str]] = {
         names a cluster. Evaluates every train.eval_every epochs (confusion matrix all-reduced over
         workers), checkpoints every epoch under ray.storage_path (train.resume continues the latest
         run), logs params, per-epoch metrics, per-class IoU, confusion matrix, prediction grid and the
-        model to MLflow, and writes <models_dir>/<family>.pt and <reports_dir>/metrics/<family>.json.""",
+        model to MLflow, and writes <models_dir>/<family>-seed<N>.pt and <reports_dir>/metrics/<family>-seed<N>.json
+        (--seed N overrides `seed`; DVC's train matrix runs every family x seeds).""",
+    ),
+    "tune": (
+        "pipeline.tune",
+        "Ray Tune search per family (ASHA on val/mIoU), nested MLflow runs, best params",
+        """For each family of tune.families (or --family): checks the whole search space of
+        tune.space.<family> first (model options such as atrous_rates / output_stride / aspp /
+        upsample, `variant` 32s/16s/8s for FCN, `model`, and lr / weight_decay / momentum; each a
+        {choice|grid|uniform|loguniform} entry or a fixed value), then runs one trial per config: the
+        TorchTrainer of `segpipe train` for up to tune.max_epochs epochs, ASHA stopping weak trials on
+        val/mIoU (tune.grace_period, tune.reduction_factor). Search: random/grid, or Optuna TPE
+        (tune.search_alg). MLflow: a parent run (stage=tune) with the best config, trials.csv and
+        plots, one child run per trial (stage=tune-trial). Writes <reports_dir>/tune/<family>/
+        best_params.yaml (train it: segpipe train -p ... --family F), best_config.json, metrics.json,
+        trials.csv and plots/. tune.resume continues the latest interrupted tune (Ctrl-C exits 130);
+        --apply merges the best config into params.yaml without running anything.""",
     ),
     "quickstart": (
         "pipeline.quickstart",
@@ -52,15 +68,63 @@ STAGES: dict[str, tuple[str, str, str]] = {
         applies the overrides to params.yaml in the workspace (`git checkout params.yaml` returns to
         the full recipe).""",
     ),
+    "mlflow-server": (
+        "pipeline.mlflow_server",
+        "run the MLflow tracking server a cluster logs to (proxied artifacts)",
+        """`mlflow server` over the backend store of mlflow.tracking_uri (sqlite or postgresql://) with
+        --serve-artifacts, bound to 127.0.0.1 unless --host says otherwise. Point jobs at it with
+        MLFLOW_TRACKING_URI=http://HOST:PORT (cluster/runtime_env.yaml); artifacts are uploaded through
+        the server into --artifacts-destination. Runs until Ctrl-C.""",
+    ),
     "models": (
         "pipeline.models",
         "list the model registry: family, parameters, GFLOPs, options",
         """Prints every model name seg_models.build_model accepts, with its family, parameter count,
         GFLOPs at --size x --size and the options it takes (upsample, atrous_rates, ...).""",
     ),
+    "report": (
+        "pipeline.report",
+        "compare the families from the MLflow runs: comparison.md/.json + PNGs, register the best models",
+        """Reads the runs from the MLflow tracking store (not local files): per family of params.yaml and
+        seed of `seeds`, the latest FINISHED stage=train run of the configured model. Writes
+        <reports_dir>/comparison.md, comparison.json and figures/: val mIoU (mean +- std over seeds),
+        pixel/mean accuracy, params, GFLOPs and latency (measured here: batch 1, eval size, on
+        report.device), training time, img/s, per-class IoU, mIoU vs params/latency, mIoU per epoch,
+        confusion matrices, a qualitative grid on the same val images, Ray Tune plots when tune trials
+        exist, which differences are inside the seed spread, and how it was produced. Registers each
+        family's best run as segpipe-<family> with alias `best` (report.register_best).""",
+    ),
+    "ui": (
+        "pipeline.ui",
+        "serve the MLflow UI for the tracking store on 127.0.0.1",
+        """Starts `mlflow server` on mlflow.tracking_uri bound to 127.0.0.1 (--port, default 5000),
+        prints the URL and runs until Ctrl-C, then stops the server. In the UI: experiment `segpipe`,
+        filter tags.stage = 'train', select runs, Compare (see README, MLflow UI).""",
+    ),
+    "predict": (
+        "pipeline.predict",
+        "segment images with a trained model: coloured masks and overlays",
+        """--model is a checkpoint written by train (models/<family>-seed<N>.pt) or a registry URI
+        (models:/segpipe-<family>@best, registered by `segpipe report`). Each image is resized to fit
+        the eval size (--size; default the one the model was trained with), segmented, and the prediction is
+        resized back: <out>/<name>_mask.png (VOC palette PNG of class ids) and <name>_overlay.png.
+        Images that cannot be read are named at the end (exit 2); the others are still written.""",
+    ),
+    "bench": (
+        "pipeline.bench",
+        "speed benchmarks (loader, preprocess, model, ray, pipeline, gpu) as ratios to a baseline",
+        """Each benchmark times ours against a baseline in the same run, prints a table and the ratio,
+        and writes <out>/<what>.json (with machine info) and bench.md beside <out> (default
+        reports/bench). loader: our shard loader vs torchvision VOCSegmentation (same images,
+        augmentation, workers) and Ray Data; preprocess: 1 vs all cores, peak RSS at two sizes; model:
+        ours vs torchvision's identical models (channels_last, --compile); ray: Ray Train loop vs a
+        plain loop, 1 vs 2 workers; pipeline: each DVC stage of the quickstart and a no-op dvc repro;
+        gpu: benchmarks/gpu_bench.py (pure torch, CUDA). Defaults take under ~2 minutes each on CPU
+        (pipeline: the whole quickstart with 2 epochs); --quick only checks that it runs.""",
+    ),
 }
 
-STAGE_ARGS = {"models", "quickstart", "train"}  # modules with stage-specific flags (cheap to import)
+STAGE_ARGS = {"fetch", "mlflow-server", "models", "quickstart", "train", "ui", "predict", "tune", "bench"}  # modules with stage-specific flags (cheap to import)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

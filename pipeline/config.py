@@ -104,8 +104,8 @@ class TrainParams(_Strict):
     loader_workers: int = Field(2, ge=0, description="DataLoader processes per Ray worker")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     resume: bool = False
-    models_dir: str = Field("models", description="where <family>.pt is written")
-    reports_dir: str = Field("reports", description="where metrics/<family>.json and the epoch CSV go")
+    models_dir: str = Field("models", description="where <family>-seed<N>.pt is written")
+    reports_dir: str = Field("reports", description="where metrics/<family>-seed<N>.json, the epoch CSV and the comparison report go")
     sample_images: int = Field(4, ge=0, description="val images in the MLflow prediction grid")
 
     @model_validator(mode="after")
@@ -133,13 +133,117 @@ class RayParams(_Strict):
     storage_path: str = "ray_results"
 
 
+class ReportParams(_Strict):
+    """`segpipe report`: the comparison built from the MLflow runs."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where latency is measured (auto: cuda if present)")
+    latency_warmup: int = Field(3, ge=0, description="untimed forward passes before timing")
+    latency_repeats: int = Field(20, ge=1, description="timed forward passes (batch 1, eval size); the median is reported")
+    sample_images: int = Field(4, ge=0, description="val images in the qualitative grid (0 = no grid)")
+    register_best: bool = Field(True, description="register each family's best run as segpipe-<family> with alias best")
+
+
+SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform")
+
+
+def _default_space() -> dict[str, dict[str, Any]]:
+    optim = {"lr": {"loguniform": [0.002, 0.05]}, "weight_decay": {"loguniform": [1e-5, 1e-3]}}
+    return {
+        "deeplabv3": {"atrous_rates": {"grid": [[6, 12, 18], [12, 24, 36], [3, 6, 9], [1, 6, 12]]},
+                      "output_stride": {"grid": [8, 16]}, "aspp": {"grid": ["parallel", "cascade"]}, **optim},
+        "fcn": {"variant": {"grid": ["32s", "16s", "8s"]}, "upsample": {"grid": ["bilinear", "transposed", "unpool"]},
+                **optim},
+        "unet": {"model": "unet", "upsample": {"grid": ["bilinear", "transposed", "unpool"]}, **optim},
+        "lraspp": dict(optim),
+    }
+
+
+def check_space_entry(where: str, value: Any) -> None:
+    """A search entry is {choice: [...]}, {grid: [...]}, {uniform: [low, high]} or
+    {loguniform: [low, high]}; anything else that is not a mapping is a fixed value."""
+    if not isinstance(value, dict):
+        return
+    if len(value) != 1 or next(iter(value)) not in SEARCH_KINDS:
+        raise ValueError(f"{where}: a search entry is one of {{choice: [...]}}, {{grid: [...]}}, "
+                         f"{{uniform: [low, high]}}, {{loguniform: [low, high]}}; got keys {sorted(map(str, value))}")
+    kind, arg = next(iter(value.items()))
+    if kind in ("choice", "grid"):
+        if not isinstance(arg, list) or not arg:
+            raise ValueError(f"{where}.{kind}: needs a non-empty list of values")
+        return
+    if (not isinstance(arg, list) or len(arg) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in arg)):
+        raise ValueError(f"{where}.{kind}: needs [low, high] (two numbers)")
+    if not arg[0] < arg[1]:
+        raise ValueError(f"{where}.{kind}: low must be < high, got {arg}")
+    if kind == "loguniform" and arg[0] <= 0:
+        raise ValueError(f"{where}.{kind}: low must be > 0, got {arg[0]}")
+
+
+class TuneParams(_Strict):
+    """`segpipe tune`: Ray Tune search per family (ASHA early stopping on val/mIoU)."""
+
+    families: list[str] = Field(default_factory=lambda: ["deeplabv3", "fcn", "unet"],
+                                description="families to tune (keys of `families`); DVC's tune matrix iterates over them")
+    space: dict[str, dict[str, Any]] = Field(default_factory=_default_space,
+                                             description="family -> entry -> search entry or fixed value")
+    search_alg: Literal["random", "optuna"] = Field("random", description="random: grid entries crossed, the rest "
+                                                    "sampled; optuna: TPE (grid entries become choices)")
+    num_samples: int = Field(1, ge=1, description="random: repeats of the grid (each with fresh samples); optuna: trials")
+    max_concurrent_trials: int = Field(2, ge=1)
+    max_epochs: int = Field(10, ge=1, description="epochs of a trial that is never stopped (ASHA max_t)")
+    grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep the top 1/reduction_factor at each rung")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per trial")
+    cpus_per_worker: float = Field(0.9, gt=0, description="CPUs each trial worker reserves")
+    trainable_cpus: float = Field(0.01, ge=0, description="CPUs of the trial driver (it only waits for its TorchTrainer)")
+    resume: bool = Field(False, description="continue the latest interrupted tune of the family (Tuner.restore)")
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one family")
+        if len(set(v)) != len(v):
+            raise ValueError(f"families must be distinct, got {v}")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for fam, entries in v.items():
+            for name, value in (entries or {}).items():
+                check_space_entry(f"{fam}.{name}", value)
+        return v
+
+    @model_validator(mode="after")
+    def _asha(self) -> "TuneParams":
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) must be <= max_epochs ({self.max_epochs})")
+        return self
+
+
 class Params(_Strict):
     seed: int = Field(0, ge=0)
+    seeds: list[int] = Field(default_factory=lambda: [0], description="DVC's train matrix runs families x seeds")
     data: DataParams = Field(default_factory=DataParams)
     train: TrainParams = Field(default_factory=TrainParams)
     families: dict[str, FamilyParams] = Field(default_factory=dict)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     ray: RayParams = Field(default_factory=RayParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
+    report: ReportParams = Field(default_factory=ReportParams)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("needs at least one seed")
+        if any(s < 0 for s in v):
+            raise ValueError(f"seeds must be >= 0, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,14 +87,20 @@ def run(_params, args) -> int:
 
 
 def summary_table(p) -> str:
-    """The families' final val metrics, from the train stage's reports/metrics/<family>.json."""
-    rows = [f"{'family':<10} {'model':<30} {'val mIoU':>8} {'pixel acc':>9} {'train s':>8}"]
+    """The final val metrics of every family x seed, from the train stage's
+    reports/metrics/<family>-seed<N>.json."""
+    rows = [f"{'family':<10} {'seed':>4} {'model':<30} {'val mIoU':>8} {'pixel acc':>9} {'train s':>8}"]
     for fam in p.families:
-        path = Path(p.train.reports_dir) / "metrics" / f"{fam}.json"
-        if not path.is_file():
-            rows.append(f"{fam:<10} (not trained: {path} missing)")
-            continue
-        m = json.loads(path.read_text())
-        rows.append(f"{fam:<10} {m['model']:<30} {m.get('mIoU', float('nan')):>8.3f} "
-                    f"{m.get('pixel_acc', float('nan')):>9.3f} {m.get('train_seconds', 0):>8.0f}")
+        for seed in p.seeds:
+            path = Path(p.train.reports_dir) / "metrics" / f"{fam}-seed{seed}.json"
+            if not path.is_file():
+                rows.append(f"{fam:<10} {seed:>4} (not trained: {path} missing)")
+                continue
+            m = json.loads(path.read_text())
+            rows.append(f"{fam:<10} {seed:>4} {m['model']:<30} {m.get('mIoU', float('nan')):>8.3f} "
+                        f"{m.get('pixel_acc', float('nan')):>9.3f} {m.get('train_seconds', 0):>8.0f}")
+    report = Path(p.train.reports_dir) / "comparison.md"
+    if report.is_file():
+        rows += ["", f"comparison report: {report} (figures in {report.parent / 'figures'}); "
+                     "browse the runs: segpipe ui; predict: segpipe predict --model models:/segpipe-<family>@best IMAGE... --out DIR"]
     return "\n".join(rows)

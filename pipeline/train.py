@@ -7,7 +7,8 @@ checkpoints every epoch (model, optimizer, scheduler, scaler, epoch) through Ray
 controller callback logs each reported epoch to MLflow and prints one progress line, so the
 metric history follows the checkpoints (a restarted worker group never logs an epoch twice).
 At the end the driver logs the confusion matrix, a prediction grid and the model, and writes the
-DVC outputs: <models_dir>/<family>.pt, <reports_dir>/metrics/<family>.json and <family>_epochs.csv.
+DVC outputs: <models_dir>/<family>-seed<N>.pt, <reports_dir>/metrics/<family>-seed<N>.json and
+<family>-seed<N>_epochs.csv.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.voc import NUM_CLASSES, VOC_CLASSES
@@ -50,6 +52,9 @@ class Job:
 def add_arguments(parser) -> None:
     parser.add_argument("--family", help="a key of `families` in params.yaml (fcn, deeplabv3, lraspp, unet); "
                                          "without it train.model / train.model_options are trained")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="overrides `seed` for this run (DVC's train matrix passes each of `seeds`); "
+                             "outputs are named <family>-seed<N>")
 
 
 def family_of(model: str) -> str:
@@ -104,7 +109,7 @@ def worker_config(job: Job) -> dict:
     t = p.train
     return {
         "model": job.model, "options": job.options, "seed": p.seed,
-        "data_dir": str(Path(p.data.dir).resolve()),
+        "data_dir": storage.resolve(p.data.dir),
         "epochs": t.epochs, "batch_size": t.batch_size, "crop_size": t.crop_size, "eval_size": t.eval_size,
         "scale_min": t.scale_min, "scale_max": t.scale_max, "lr": t.lr, "momentum": t.momentum,
         "weight_decay": t.weight_decay, "warmup_epochs": t.warmup_epochs, "poly_power": t.poly_power,
@@ -306,8 +311,8 @@ def ray_init(p: Params):
     # worker logs stay in Ray's session logs (progress comes through ProgressPrinter);
     # SEGPIPE_RAY_LOGS=1 streams them here as well
     logs = os.environ.get("SEGPIPE_RAY_LOGS", "") not in ("", "0")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=logs)
+    if address:  # a cluster (or a `ray job submit` driver): the job's runtime env applies
+        ray.init(address=address, log_to_driver=logs)
     else:
         ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=logs)
 
@@ -320,11 +325,11 @@ def use_gpu(p: Params) -> bool:
     return bool(p.ray.use_gpu)
 
 
-def _ray_run_name(job: Job, storage: Path) -> str:
+def _ray_run_name(job: Job, storage_path: str) -> str:
     """resume: the latest run of this family/model/seed under storage; else a new timestamped one."""
     prefix = f"{job.family}-{job.model}-seed{job.params.seed}"
-    if job.params.train.resume and storage.is_dir():
-        runs = sorted(d.name for d in storage.iterdir() if d.is_dir() and d.name.startswith(prefix + "-"))
+    if job.params.train.resume:
+        runs = [d for d in storage.list_dirs(storage_path) if d.startswith(prefix + "-")]
         if runs:
             return runs[-1]
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -352,7 +357,7 @@ def fit(job: Job, callbacks: list | None = None):
 
 
 def load_checkpoint_model(path: str | Path):
-    """A state.pt of a Ray checkpoint or a <family>.pt -> (eval-mode model, state dict)."""
+    """A state.pt of a Ray checkpoint or a <family>-seed<N>.pt -> (eval-mode model, state dict)."""
     import torch
 
     from seg_models import build_model
@@ -368,18 +373,16 @@ def train(p: Params, family: str | None = None, progress: bool = True) -> dict:
 
     job = resolve_job(p, family)
     check_data(p)
-    storage = Path(p.ray.storage_path).resolve()
-    job.storage_path = str(storage)
-    job.ray_name = _ray_run_name(job, storage)
-    marker = storage / job.ray_name / "segpipe_run.json"
-    if p.train.resume and marker.is_file():
-        job.run_id = json.loads(marker.read_text())["mlflow_run_id"]
+    job.storage_path = storage.resolve(p.ray.storage_path)  # local/shared path or s3://, gs://
+    job.ray_name = _ray_run_name(job, job.storage_path)
+    marker = storage.join(job.storage_path, job.ray_name, "segpipe_run.json")
+    if p.train.resume and storage.exists(marker):
+        job.run_id = json.loads(storage.read_text(marker))["mlflow_run_id"]
         tracking.client(job.tracking_uri).update_run(job.run_id, status="RUNNING")
     else:
         job.run_id = tracking.start_run(job.tracking_uri, p, family=job.family, model=job.model,
                                         options=job.options, stage="train")
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"mlflow_run_id": job.run_id}) + "\n")
+        storage.write_text(marker, json.dumps({"mlflow_run_id": job.run_id}) + "\n")
     print(f"[{job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}", flush=True)
     started = time.time()
     status = "FAILED"
@@ -421,9 +424,10 @@ def finish(job: Job, result, seconds: float) -> dict:
         model, state = load_checkpoint_model(Path(d) / "state.pt")
     models_dir = Path(p.train.models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
-    out_model = models_dir / f"{job.family}.pt"
+    stem = output_stem(job.family, p.seed)
+    out_model = models_dir / f"{stem}.pt"
     torch.save({"model_name": job.model, "options": job.options, "model": state["model"], "epoch": state["epoch"],
-                "mlflow_run_id": job.run_id}, out_model)
+                "mlflow_run_id": job.run_id, "eval_size": p.train.eval_size}, out_model)
 
     c = tracking.client(job.tracking_uri)
     history = {}
@@ -435,9 +439,10 @@ def finish(job: Job, result, seconds: float) -> dict:
     summary = {"family": job.family, "model": job.model, "seed": p.seed, "epochs": p.train.epochs,
                "mlflow_run_id": job.run_id, "train_seconds": round(seconds, 1),
                **{k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("val/") and not k.startswith("val/iou/")},
-               "per_class_iou": {k.split("/")[-1]: v for k, v in final.items() if k.startswith("val/iou/")}}
-    (metrics_dir / f"{job.family}.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
-    with open(metrics_dir / f"{job.family}_epochs.csv", "w", newline="") as f:
+               # classes absent from target and prediction have no IoU (NaN): left out, so the file is valid JSON
+               "per_class_iou": {k.split("/")[-1]: v for k, v in final.items() if k.startswith("val/iou/") and v == v}}
+    (metrics_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    with open(metrics_dir / f"{stem}_epochs.csv", "w", newline="") as f:
         cols = ["epoch", "train/loss", "train/lr", "train/img_per_s", "val/mIoU", "val/pixel_acc", "val/mean_acc", "val/fwIoU"]
         w = csv.writer(f)
         w.writerow([c.replace("/", "_") for c in cols])
@@ -458,7 +463,7 @@ def finish(job: Job, result, seconds: float) -> dict:
                             title=f"{job.family} ({job.model}): image | truth | prediction")
         for f in tmp.iterdir():
             c.log_artifact(job.run_id, str(f))
-        c.log_artifact(job.run_id, str(metrics_dir / f"{job.family}_epochs.csv"))
+        c.log_artifact(job.run_id, str(metrics_dir / f"{stem}_epochs.csv"))
         with tracking.fluent_uri(job.tracking_uri), mlflow.start_run(run_id=job.run_id):
             example = torch.zeros(1, 3, p.train.eval_size, p.train.eval_size)
             with torch.no_grad():
@@ -470,7 +475,16 @@ def finish(job: Job, result, seconds: float) -> dict:
     return summary
 
 
+def output_stem(family: str, seed: int) -> str:
+    """<family>-seed<N>: the name of a run's DVC outputs (model, metrics JSON, epoch CSV)."""
+    return f"{family}-seed{seed}"
+
+
 def run(p: Params, args) -> int:
+    if args.seed is not None:
+        if args.seed < 0:
+            raise UserError(f"seed must be >= 0, got {args.seed} (--seed)")
+        p = p.model_copy(update={"seed": args.seed})
     summary = train(p, family=args.family, progress=not args.quiet)
     print(f"[{summary['family']}] done: val mIoU {summary.get('mIoU', float('nan')):.3f}, "
           f"pixel acc {summary.get('pixel_acc', float('nan')):.3f} in {summary['train_seconds']:.0f}s "

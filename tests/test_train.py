@@ -62,15 +62,15 @@ def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, t
         assert all(k[len("val/iou/"):] in VOC_CLASSES for k in metrics if k.startswith("val/iou/"))
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [1]
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"confusion_matrix.png", "confusion_matrix.csv", "predictions.png", f"{fam}_epochs.csv"} <= arts
+        assert {"confusion_matrix.png", "confusion_matrix.csv", "predictions.png", f"{fam}-seed0_epochs.csv"} <= arts
         models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                              filter_string=f"source_run_id = '{run.info.run_id}'")
         assert len(models) == 1 and models[0].status == "READY"
         # DVC outputs
-        out = json.loads((tmp_path / "reports" / "metrics" / f"{fam}.json").read_text())
+        out = json.loads((tmp_path / "reports" / "metrics" / f"{fam}-seed0.json").read_text())
         assert out["mIoU"] == pytest.approx(metrics["val/mIoU"])
-        assert (tmp_path / "models" / f"{fam}.pt").stat().st_size > 0
-        csv_lines = (tmp_path / "reports" / "metrics" / f"{fam}_epochs.csv").read_text().splitlines()
+        assert (tmp_path / "models" / f"{fam}-seed0.pt").stat().st_size > 0
+        csv_lines = (tmp_path / "reports" / "metrics" / f"{fam}-seed0_epochs.csv").read_text().splitlines()
         assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 2
 
 
@@ -105,10 +105,11 @@ def test_bad_params_never_start_ray(tmp_path, synthetic_shards):
                           (["train.model=deeplabv3_resnet50", "train.model_options.atrous_rates=[6, 12]"], "atrous_rates"),
                           (["train.model=unet", "train.model_options.output_stride=4"], "output_stride"),
                           ([f"data.dir={tmp_path / 'empty'}"], "segpipe preprocess")):
-        proc = run_cli("train", *sum((["-S", o] for o in base + extra), []), cwd=tmp_path)
+        proc = run_cli("train", "-p", str(ROOT / "params.yaml"), *sum((["-S", o] for o in base + extra), []), cwd=tmp_path)
         assert_user_error(proc, needle)
         assert "Started a local Ray" not in proc.stderr
-    proc = run_cli("train", "--family", "segformer", *sum((["-S", o] for o in base), []), cwd=tmp_path)
+    proc = run_cli("train", "-p", str(ROOT / "params.yaml"), "--family", "segformer", *sum((["-S", o] for o in base), []),
+                   cwd=tmp_path)
     assert_user_error(proc, "unknown family")
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -124,7 +125,8 @@ def test_killed_worker_is_restored_without_gap_or_repeat(synthetic_shards, tmp_p
     args = sum((["-S", o] for o in tiny_overrides(synthetic_shards, tmp_path, epochs=epochs)
                 + ["train.max_failures=2", "train.sample_images=0"]), [])
     env = dict(os.environ, PYTHONPATH=str(ROOT), SEGPIPE_PID_DIR=str(pid_dir), RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--family", "unet", *args], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), "--family", "unet",
+                             *args], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

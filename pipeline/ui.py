@@ -1,0 +1,139 @@
+"""`segpipe ui`: the MLflow UI over the tracking store of params.yaml, on 127.0.0.1 only.
+
+Starts `mlflow server` (its own process group, so stopping it stops all of its workers), waits until
+it answers, prints the URL and keeps running until Ctrl-C (or SIGTERM); then stops the server by
+its process id and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.errors import UserError
+
+HOST = "127.0.0.1"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="seconds to wait for the server to answer (default 120)")
+
+
+def _port_free(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def server_command(uri: str, port: int) -> list[str]:
+    mlflow = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow)] if mlflow.exists() else [sys.executable, "-m", "mlflow"]
+    cmd += ["server", "--backend-store-uri", uri, "--host", HOST, "--port", str(port), "--workers", "1"]
+    if uri.startswith("sqlite:///"):  # experiments the UI creates keep their artifacts beside the database
+        cmd += ["--default-artifact-root", (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()]
+    return cmd
+
+
+def _experiment_id(uri: str, name: str) -> str | None:
+    from pipeline.tracking import client
+
+    try:
+        exp = client(uri).get_experiment_by_name(name)
+        return exp.experiment_id if exp else None
+    except Exception:
+        return None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the server's process group (it was started as its own session), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run(p: Params, args) -> int:
+    from pipeline.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(p.mlflow.tracking_uri)
+    if uri.startswith(("http://", "https://", "databricks")):
+        raise UserError(f"mlflow.tracking_uri is already a server: open {uri} in a browser (mlflow.tracking_uri)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]} yet: train first "
+                        "(`dvc repro` or `segpipe train --family <name>`) (mlflow.tracking_uri)")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"port must be in 1..65535, got {args.port} (--port)")
+    return serve(server_command(uri, args.port), host=HOST, port=args.port, timeout=args.timeout, what="MLflow UI",
+                 banner=[f"  store {uri}, experiment {p.mlflow.experiment!r}",
+                         "  compare the families: open the experiment, filter  tags.stage = 'train' , tick the runs, "
+                         "click Compare (README: MLflow UI)"])
+
+
+def serve(cmd: list[str], *, host: str, port: int, timeout: float, what: str, banner: list[str]) -> int:
+    """Run an `mlflow server` command until Ctrl-C / SIGTERM: wait until it answers, print the URL
+    and `banner`, then stop it by its process group id (also when it fails to start)."""
+    if not _port_free(port, host):
+        raise UserError(f"port {port} on {host} is in use: pick another with --port N (--port)")
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    log = tempfile.NamedTemporaryFile(prefix="segpipe-mlflow-", suffix=".log", delete=False)
+    # SIGTERM (e.g. `kill <pid>`) stops the server like Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not _answers(url):
+            if proc.poll() is not None or time.time() > deadline:
+                tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-5:]
+                why = "exited" if proc.poll() is not None else f"did not answer within {timeout:.0f}s"
+                raise UserError(f"mlflow server {why}; its log ({log.name}) ends with: " + " | ".join(tail)) from None
+            time.sleep(0.3)
+        print(f"{what}: {url}", flush=True)
+        for line in banner:
+            print(line, flush=True)
+        print(f"  server log {log.name}; server pid {proc.pid}; Ctrl-C to stop", flush=True)
+        while proc.poll() is None:
+            time.sleep(0.5)
+        raise UserError(f"mlflow server stopped on its own (exit {proc.returncode}); see {log.name}")
+    except KeyboardInterrupt:
+        print(f"stopping the {what} ...", flush=True)
+        stop(proc)
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+        print("stopped", flush=True)
+        return 0
+    finally:
+        stop(proc)
+        log.close()

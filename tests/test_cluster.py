@@ -1,0 +1,220 @@
+"""Running on a Ray cluster, for real: a Ray head started here (own temp dir and ports), an MLflow
+tracking server on 127.0.0.1 with proxied artifacts, `ray job submit` of a tiny 2-worker training,
+a job with bad params, the runs read back over the server's REST API. Everything is stopped by
+PID. Also: the cluster definitions parse and run commands the CLI has."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+from tests.conftest import ROOT
+from tests.test_train import tiny_overrides
+
+BIN = Path(sys.executable).parent
+
+
+_SHELL_OPS = {">", ">>", "&", "&&", "|", "||", ";", "2>&1"}
+
+
+def _segpipe_args(command: str) -> list[str] | None:
+    """The arguments of the `segpipe ...` call inside a shell command line, if any."""
+    tokens = shlex.split(command, comments=True)
+    if "segpipe" not in tokens:
+        return None
+    args = tokens[tokens.index("segpipe") + 1:]
+    return args[: next((i for i, t in enumerate(args) if t in _SHELL_OPS), len(args))]
+
+
+@pytest.mark.parametrize("name", ["ray-cluster.yaml", "rayjob.yaml", "runtime_env.yaml"])
+def test_cluster_definitions_parse_and_use_real_commands(name):
+    path = ROOT / "cluster" / name
+    doc = yaml.safe_load(path.read_text())
+    parser = build_parser()
+    if name == "rayjob.yaml":
+        assert doc["kind"] == "RayJob"
+        args = _segpipe_args(doc["spec"]["entrypoint"])
+        assert args and args[0] == "train"
+        parser.parse_args(args)  # the stage and every flag exist (argparse raises on an unknown one)
+        assert doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        assert "MLFLOW_TRACKING_URI" in yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["env_vars"]
+    elif name == "ray-cluster.yaml":
+        assert {"head", "gpu_worker"} <= set(doc["available_node_types"])
+        cmds = [a for a in map(_segpipe_args, doc["setup_commands"] + doc["head_start_ray_commands"]) if a]
+        assert [c[0] for c in cmds] == ["mlflow-server"]
+        for c in cmds:
+            parser.parse_args(c)
+        assert "pip install" in " ".join(doc["setup_commands"]) and doc["docker"]["image"]
+    else:
+        for d in ("data/", ".venv/", "mlruns/"):
+            assert d in doc["excludes"]
+        assert doc["env_vars"]["PYTHONPATH"] == "."
+        assert doc["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http://")
+
+
+# ------------------------------------------------------------------------------ real services
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:  # it answers (e.g. 401 while token auth is on): it is up
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM the process and every descendant, by PID; SIGKILL what is left."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _env() -> dict:
+    # this Ray turns token authentication on by default: the head and every client then need
+    # RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
+                PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's unix sockets live under it
+    ports = {k: _free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
+                                        "object-manager-port", "dashboard-agent-listen-port",
+                                        "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
+    base = 20000 + (os.getpid() % 200) * 100
+    log = tmp / "head.log"
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={tmp}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+           f"--min-worker-port={base}", f"--max-worker-port={base + 99}",
+           *(f"--{k}={v}" for k, v in ports.items())]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{ports['dashboard-port']}"
+        _wait_http(address + "/api/version", 120, proc, log)
+        yield {"address": address, "tmp": tmp}
+    finally:
+        _stop_tree(proc)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = d / "server.log"
+    cmd = [str(BIN / "segpipe"), "mlflow-server", "-p", str(ROOT / "params.yaml"), "--port", str(port),
+           "--artifacts-destination", str(d / "artifacts"),
+           "-S", f"mlflow.tracking_uri=sqlite:///{d / 'mlflow.db'}"]
+    proc = subprocess.Popen(cmd, cwd=d, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(url + "/health", 120, proc, log)
+        yield {"url": url, "dir": d}
+    finally:
+        _stop_tree(proc)
+
+
+def _rest(url: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _submit(ray_head, runtime_env: Path, args: list[str]) -> str:
+    job_id = f"segpipe-test-{int(time.time() * 1000)}"
+    proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--no-wait",
+                           "--submission-id", job_id, "--working-dir", str(ROOT), "--runtime-env", str(runtime_env),
+                           "--", *args], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return job_id
+
+
+def _wait_job(ray_head, job_id: str, timeout: float = 600) -> tuple[str, str]:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head["address"])
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(2)
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", ray_head["address"], job_id],
+                          env=_env(), capture_output=True, text=True, timeout=120).stdout
+    return str(status), logs
+
+
+@pytest.mark.slow
+def test_ray_job_submit_train_and_bad_params(ray_head, mlflow_server, synthetic_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # for the JobSubmissionClient in this process
+    env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    env["env_vars"]["MLFLOW_TRACKING_URI"] = mlflow_server["url"]
+    runtime_env = tmp_path / "runtime_env.yaml"
+    runtime_env.write_text(yaml.safe_dump(env))
+    work = tmp_path / "work"
+    sets = sum((["-S", o] for o in tiny_overrides(synthetic_shards, work) + ["train.sample_images=1"]), [])
+
+    good = _submit(ray_head, runtime_env, ["segpipe", "train", "--family", "unet", *sets])
+    bad = _submit(ray_head, runtime_env, ["segpipe", "train", "--family", "unet", *sets, "-S", "train.batch_size=-3"])
+    status, logs = _wait_job(ray_head, good)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "[unet] epoch 1/1" in logs and "[unet] done: val mIoU" in logs
+    bad_status, bad_logs = _wait_job(ray_head, bad, timeout=120)
+    assert bad_status == "FAILED"
+    assert "error: bad params" in bad_logs and "train.batch_size" in bad_logs and "Traceback" not in bad_logs
+
+    # the runs, read back from the tracking server's REST API
+    exp = _rest(mlflow_server["url"], "/api/2.0/mlflow/experiments/get-by-name?experiment_name=segpipe")["experiment"]
+    runs = _rest(mlflow_server["url"], "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["info"]["status"] == "FINISHED"
+    assert {t["key"]: t["value"] for t in run["data"]["tags"]}["family"] == "unet"
+    assert any(m["key"] == "val/mIoU" for m in run["data"]["metrics"])
+    # artifacts went through the server's proxy into its artifact destination
+    arts = _rest(mlflow_server["url"], f"/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
+    assert {"confusion_matrix.png", "predictions.png"} <= {f["path"] for f in arts.get("files", [])}
+    assert list((mlflow_server["dir"] / "artifacts").rglob("confusion_matrix.png"))

@@ -1,0 +1,351 @@
+"""`segpipe report`, `segpipe ui` and `segpipe predict` on a tiny real run set: 2 families x 2 seeds,
+1 epoch each, trained with real Ray into a real sqlite MLflow store. The report's numbers must be
+the ones MLflow holds; its PNGs must decode and show something; the UI server must answer MLflow's
+REST API and stop with its PID; predict must write masks from the registered model and name the
+images it could not read."""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.config import apply_overrides, read_yaml
+from tests.conftest import ROOT, SAMPLE_TAR, assert_user_error, run_cli
+from tests.test_train import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+FAMILIES = ("lraspp", "unet")  # the two lightest members (see tests/test_train.py TINY)
+SEEDS = (0, 1)
+
+
+def _args(params: Path, *extra: str) -> list[str]:
+    return ["-p", str(params), *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, synthetic_shards, tmp_path_factory):
+    """Train FAMILIES x SEEDS (1 epoch) through `segpipe train`'s own entry point (--seed path);
+    returns (work dir, params file, {(family, seed): summary})."""
+    from pipeline.config import load_params
+    from pipeline.train import run as train_run
+
+    work = tmp_path_factory.mktemp("report")
+    raw = apply_overrides(read_yaml(ROOT / "params.yaml"),
+                          tiny_overrides(synthetic_shards, work) + ["train.sample_images=0", f"seeds={list(SEEDS)}",
+                                                                    "report.latency_repeats=3", "report.latency_warmup=1",
+                                                                    "report.sample_images=2"])
+    raw["families"] = {f: raw["families"][f] for f in FAMILIES}
+    params = work / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    p = load_params(params)
+    out = {}
+    for seed in SEEDS:
+        for fam in FAMILIES:
+            train_run(p, argparse.Namespace(family=fam, seed=seed, quiet=True))
+            out[(fam, seed)] = json.loads((work / "reports" / "metrics" / f"{fam}-seed{seed}.json").read_text())
+    return work, params, out
+
+
+@pytest.fixture(scope="module")
+def report(runs):
+    """`segpipe report` as a user runs it; returns (work, params, summaries, comparison.json, md text)."""
+    work, params, summaries = runs
+    proc = run_cli("report", *_args(params), cwd=work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    out = work / "reports"
+    return work, params, summaries, json.loads((out / "comparison.json").read_text()), (out / "comparison.md").read_text()
+
+
+def _mlflow_runs(work: Path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("segpipe")
+    return c, exp, c.search_runs([exp.experiment_id], "tags.stage = 'train'")
+
+
+def test_train_outputs_are_named_by_family_and_seed(runs):
+    from pipeline.config import load_params
+    from pipeline.quickstart import summary_table
+
+    work, params, summaries = runs
+    for (fam, seed), s in summaries.items():
+        assert s["seed"] == seed and s["family"] == fam
+        assert (work / "models" / f"{fam}-seed{seed}.pt").is_file()
+        assert (work / "reports" / "metrics" / f"{fam}-seed{seed}_epochs.csv").is_file()
+    table = summary_table(load_params(params))
+    for (fam, seed), s in summaries.items():
+        assert re.search(rf"^{fam}\s+{seed}\s+\S+\s+{s['mIoU']:.3f}", table, re.M), table
+    c, _, mruns = _mlflow_runs(work)
+    assert sorted((r.data.tags["family"], r.data.tags["seed"]) for r in mruns) == \
+        sorted((f, str(s)) for f in FAMILIES for s in SEEDS)
+
+
+def test_report_numbers_are_mlflows(report):
+    work, params, summaries, js, md = report
+    c, exp, mruns = _mlflow_runs(work)
+    assert [f["family"] for f in js["families"]] == list(FAMILIES)
+    assert js["seeds"] == list(SEEDS)
+    for fam_js in js["families"]:
+        fam = fam_js["family"]
+        rs = sorted((r for r in mruns if r.data.tags["family"] == fam), key=lambda r: int(r.data.tags["seed"]))
+        assert [r.info.run_id for r in rs] == [summaries[(fam, s)]["mlflow_run_id"] for s in SEEDS]
+        assert [r["run_id"] for r in fam_js["runs"]] == [r.info.run_id for r in rs]
+        for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
+            vals = [r.data.metrics[f"val/{key}"] for r in rs]
+            assert fam_js[key]["mean"] == pytest.approx(statistics.fmean(vals), abs=1e-12), key
+            assert fam_js[key]["std"] == pytest.approx(statistics.stdev(vals), abs=1e-12), key
+        for cls, v in fam_js["per_class_iou"].items():
+            vals = [r.data.metrics[f"val/iou/{cls}"] for r in rs if f"val/iou/{cls}" in r.data.metrics]
+            assert v == (pytest.approx(statistics.fmean(vals)) if vals else None), cls
+        for r, rj in zip(rs, fam_js["runs"]):
+            assert rj["train_seconds"] == pytest.approx((r.info.end_time - r.info.start_time) / 1000)
+            ips = [m.value for m in c.get_metric_history(r.info.run_id, "train/img_per_s")]
+            assert rj["img_per_s"] == pytest.approx(statistics.fmean(ips))
+            assert rj["git_commit"] == r.data.tags["git_commit"]
+        # what the report measures itself
+        from seg_models import build_model
+
+        n_params = sum(t.numel() for t in build_model(fam_js["model"], **fam_js["options"]).parameters()) / 1e6
+        assert fam_js["params_M"] == pytest.approx(n_params)
+        assert fam_js["gflops"] > 0 and fam_js["latency_ms"] > 0 and fam_js["eval_size"] == 64
+        # the Markdown row shows the same numbers
+        m = fam_js["mIoU"]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {fam} | "))
+        assert f"{m['mean']:.3f} ± {m['std']:.3f}" in row, row
+        assert f"{fam_js['params_M']:.2f}" in row and f"{fam_js['gflops']:.2f}" in row
+        assert f"{fam_js['latency_ms']:.1f}" in row
+        assert all(r["run_id"][:8] in row for r in fam_js["runs"])
+    assert js["latency"]["device"] in md
+    # per-class table: the 21 VOC classes
+    from pipeline.voc import VOC_CLASSES
+
+    for cls in VOC_CLASSES:
+        assert re.search(rf"^\| {cls} \|", md, re.M), cls
+    assert "seed spread" in md and len(js["comparisons"]) == 1
+    assert "How this was produced" in md and "synthetic" in md
+
+
+def test_report_pngs_decode_and_are_linked(report):
+    from PIL import Image
+
+    work, _, _, js, md = report
+    figs = work / "reports" / "figures"
+    names = {p.name for p in figs.glob("*.png")}
+    assert {"miou_vs_params.png", "miou_vs_latency.png", "miou_per_epoch.png", "per_class_iou.png",
+            "qualitative.png", "confusion_lraspp.png", "confusion_unet.png"} <= names
+    for name in names:
+        assert f"](figures/{name})" in md, name
+        with Image.open(figs / name) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"))
+        assert arr.shape[0] > 200 and arr.shape[1] > 200, name
+        assert arr.std() > 5 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 20, f"{name} looks blank"
+    assert not list((work / "reports").glob(".comparison-*")), "staging left behind"
+
+
+def test_best_run_of_each_family_is_registered(report):
+    from pipeline.report import Group, RunRecord, register_best
+
+    work, _, summaries, js, _ = report
+    c, _, _ = _mlflow_runs(work)
+    for fam in FAMILIES:
+        best = max(SEEDS, key=lambda s: (summaries[(fam, s)]["mIoU"], -s))
+        mv = c.get_model_version_by_alias(f"segpipe-{fam}", "best")
+        assert mv.run_id == summaries[(fam, best)]["mlflow_run_id"]
+        reg = next(f for f in js["families"] if f["family"] == fam)["registered"]
+        assert reg["name"] == f"segpipe-{fam}" and reg["version"] == int(mv.version)
+        # registering the same best run again adds no version
+        rec = RunRecord(run_id=mv.run_id, family=fam, model="x", seed=best, start_ms=0, end_ms=0,
+                        metrics={"val/mIoU": summaries[(fam, best)]["mIoU"]}, params={}, tags={}, model_id="m-unused")
+        assert register_best(c, Group(fam, "x", [rec]))["new"] is False
+        assert len(c.search_model_versions(f"name = 'segpipe-{fam}'")) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_answers_runs_search_and_stops_by_pid(report):
+    work, params, summaries, js, _ = report
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", *_args(params), "--port", str(port)], cwd=work,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server_pid = None
+    try:
+        lines, deadline = [], time.time() + 120
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"server pid (\d+)", line)
+            if m:
+                server_pid = int(m.group(1))
+                break
+        out = "".join(lines)
+        assert f"MLflow UI: http://127.0.0.1:{port}" in out, out
+        assert server_pid, out
+        body = json.dumps({"experiment_ids": [js["experiment_id"]], "filter": "tags.stage = 'train'"}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            found = json.load(r)["runs"]
+        ids = {r["info"]["run_id"] for r in found}
+        assert ids == {s["mlflow_run_id"] for s in summaries.values()}
+        tags = {t["key"]: t["value"] for t in found[0]["data"]["tags"]}
+        assert {"family", "model", "seed", "stage", "git_commit", "data_source"} <= set(tags)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + rest
+        assert "stopped" in rest
+        with pytest.raises(ProcessLookupError):
+            os.kill(server_pid, 0)
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "the server still answers"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if server_pid:
+            try:
+                os.killpg(server_pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _sample_images(dst: Path) -> list[Path]:
+    """The 3 val JPEGs of the bundled VOC sample."""
+    dst.mkdir()
+    out = []
+    with tarfile.open(SAMPLE_TAR) as tar:
+        val = tar.extractfile("VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read().decode().split()
+        for sid in val:
+            data = tar.extractfile(f"VOCdevkit/VOC2012/JPEGImages/{sid}.jpg").read()
+            (dst / f"{sid}.jpg").write_bytes(data)
+            out.append(dst / f"{sid}.jpg")
+    return out
+
+
+def test_predict_registered_model_on_sample_images(report, tmp_path):
+    from PIL import Image
+
+    work, params, _, _, _ = report
+    images = _sample_images(tmp_path / "imgs")
+    broken = tmp_path / "imgs" / "broken.jpg"
+    broken.write_bytes(b"this is not a JPEG")
+    args = [str(images[0]), str(broken), *map(str, images[1:])]
+    proc = run_cli("predict", *_args(params), "--model", "models:/segpipe-unet@best", *args, "--out", str(tmp_path / "out"),
+                   cwd=work)
+    assert_user_error(proc, "broken.jpg", "1 of 4")
+    for img in images:
+        with Image.open(img) as im:
+            size = im.size
+        with Image.open(tmp_path / "out" / f"{img.stem}_mask.png") as m:
+            assert m.mode == "P" and m.size == size
+            assert np.asarray(m).max() <= 20
+        with Image.open(tmp_path / "out" / f"{img.stem}_overlay.png") as o:
+            assert o.mode == "RGB" and o.size == size
+    assert not list((tmp_path / "out").glob("broken*"))
+    assert all(img.name in proc.stdout for img in images)
+
+
+def test_predict_from_checkpoint_and_bad_models(report, tmp_path, capsys):
+    from pipeline.config import load_params
+    from pipeline.errors import UserError
+    from pipeline.predict import predict
+
+    work, params, _, _, _ = report
+    p = load_params(params)
+    img = _sample_images(tmp_path / "imgs")[0]
+    res = predict(p.model_copy(update={"train": p.train.model_copy(update={"eval_size": 513})}),
+                  str(work / "models" / "lraspp-seed1.pt"), [str(img)], tmp_path / "out")
+    assert [Path(m).name for _, m, _ in res["written"]] == [f"{img.stem}_mask.png"]
+    assert "at 64x64" in capsys.readouterr().out  # the size the checkpoint was trained at, not params.yaml's
+    with pytest.raises(UserError, match="no such checkpoint"):
+        predict(p, str(tmp_path / "nope.pt"), [str(img)], tmp_path / "o2", progress=False)
+    with pytest.raises(UserError, match="not a segpipe checkpoint"):
+        predict(p, str(img), [str(img)], tmp_path / "o3", progress=False)
+    with pytest.raises(UserError, match="segpipe-segformer@best"):
+        predict(p, "models:/segpipe-segformer@best", [str(img)], tmp_path / "o4", progress=False)
+    assert not (tmp_path / "o2").exists()
+
+
+def test_report_and_ui_without_a_store_are_user_errors(tmp_path, params_file):
+    for stage in ("report", "ui"):
+        proc = run_cli(stage, "-p", str(params_file), "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'none.db'}",
+                       cwd=tmp_path)
+        assert_user_error(proc, "no MLflow store")
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "mlflow.db").exists()
+    proc = run_cli("train", "-p", str(params_file), "--family", "unet", "--seed", "-1", cwd=tmp_path)
+    assert_user_error(proc, "(--seed)")
+
+
+def test_dvc_matrix_is_family_by_seed_and_report_follows_train(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    for name in ("dvc.yaml", "params.yaml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def dvc(*a):
+        return subprocess.run([str(bin_dir / "dvc"), *a], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    assert dvc("init", "-q").returncode == 0
+    seeds = yaml.safe_load((ROOT / "params.yaml").read_text())["seeds"]
+    families = yaml.safe_load((ROOT / "params.yaml").read_text())["families"]
+    listed = dvc("stage", "list", "--name-only").stdout.split()
+    assert {f"train@{f}-{s}" for f in families for s in seeds} <= set(listed)
+    dot = dvc("dag", "--dot", "report").stdout
+    for f in families:
+        for s in seeds:
+            assert re.search(rf'"train@{f}-{s}"\s*->\s*"report"', dot), (f, s, dot)
+
+
+def test_tune_trials_give_a_tune_plot(tmp_path, params_file):
+    """Tune trial runs (stage=tune-trial, hp.* params as `segpipe tune` logs them) -> the knobs that
+    vary, each trial's val mIoU, and a PNG with one panel per knob."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from pipeline.config import load_params
+    from pipeline.report import tune_trials
+    from pipeline.reporting import tune_png
+
+    p = load_params(params_file)
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.create_experiment("segpipe", artifact_location=(tmp_path / "mlruns").as_uri())
+    want = {}
+    for i, (lr, rates) in enumerate([(0.001, "[6, 12, 18]"), (0.01, "[12, 24, 36]"), (0.1, "[6, 12, 18]")]):
+        r = c.create_run(exp, tags={"family": "deeplabv3", "stage": "tune-trial", "seed": "0"})
+        c.log_batch(r.info.run_id, params=[Param("hp.lr", str(lr)), Param("hp.atrous_rates", rates), Param("train.lr", str(lr)),
+                                           Param("train.epochs", "2")],
+                    metrics=[Metric("val/mIoU", 0.1 * (i + 1), 0, 2)])
+        want[r.info.run_id] = (lr, [int(x) for x in rates.strip("[]").split(",")], 0.1 * (i + 1))
+    c.create_run(exp, tags={"family": "deeplabv3", "stage": "train", "seed": "0"})  # not a trial
+    trials = tune_trials(c, exp, p)
+    assert {t["run_id"]: (t["config"]["hp.lr"], t["config"]["hp.atrous_rates"], t["mIoU"]) for t in trials} == want
+    assert all(set(t["config"]) == {"hp.atrous_rates", "hp.lr"} for t in trials)
+    path = tune_png(trials, ["hp.atrous_rates", "hp.lr"], tmp_path / "tune.png", "trials")
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    assert arr.std() > 5

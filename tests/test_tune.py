@@ -1,0 +1,264 @@
+"""`segpipe tune` with a real Ray, a real sqlite MLflow store and tiny synthetic shards.
+
+One tune of three UNet trials (upsample: bilinear / transposed / unpool, 2 epochs, ASHA grace 1)
+is interrupted with SIGINT (Ctrl-C) after its first trial ends and resumed with tune.resume=true;
+the tests then check the resume, the MLflow parent/child structure, ASHA's early stop, the
+reports and `--apply`. The bad-space tests never start Ray."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_params
+from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.test_train import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+METHODS = ["bilinear", "transposed", "unpool"]
+
+
+def tune_overrides(data_dir: Path, work: Path) -> list[str]:
+    return tiny_overrides(data_dir, work) + [
+        "families.unet.model=unet", "families.unet.options={base_channels: 8, upsample: transposed}",
+        "train.lr=0.05", "tune.families=[unet]", f"tune.space.unet={{upsample: {{grid: [{', '.join(METHODS)}]}}}}",
+        "tune.max_epochs=2", "tune.grace_period=1", "tune.reduction_factor=2", "tune.num_workers=1",
+        "tune.cpus_per_worker=0.9", "tune.max_concurrent_trials=2",
+    ]
+
+
+def _args(overrides: list[str]) -> list[str]:
+    return ["-p", str(ROOT / "params.yaml"), *sum((["-S", o] for o in overrides), [])]
+
+
+@pytest.fixture(scope="module")
+def tuned(ray_local, synthetic_shards, tmp_path_factory):
+    """Run the tune in this process (the session's Ray), Ctrl-C it (SIGINT, caught by Tune's
+    handler) once a trial has ended, resume it with tune.resume=true; return what the tests need."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tune import TuneInterrupted, resolve_space, tune_family
+
+    work = tmp_path_factory.mktemp("tune")
+    overrides = tune_overrides(synthetic_shards, work)
+    p = load_params(ROOT / "params.yaml", overrides)
+    space = resolve_space(p, "unet")
+    state = {"interrupted_at": None}
+    stop = threading.Event()
+
+    def interrupt_after_first_trial():
+        client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+        while not stop.wait(0.5):
+            try:
+                exp = client.get_experiment_by_name("segpipe")
+                runs = client.search_runs([exp.experiment_id], "tags.stage = 'tune-trial'") if exp else []
+            except Exception:  # the store is being created
+                continue
+            handler = signal.getsignal(signal.SIGINT)
+            # only into Tune's own handler, never into pytest's (that would end the session)
+            if any(r.info.status == "FINISHED" for r in runs) and getattr(handler, "__name__", "") == "signal_interrupt_tune_run":
+                state["interrupted_at"] = time.time()
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(TuneInterrupted) as interrupted:
+            tune_family(p, space)
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    assert state["interrupted_at"] is not None
+    resumed_at = time.time()
+    p2 = load_params(ROOT / "params.yaml", overrides + ["tune.resume=true"])
+    summary = tune_family(p2, resolve_space(p2, "unet"))
+    return {"work": work, "overrides": overrides, "interrupted": interrupted.value, "summary": summary,
+            "interrupted_at": state["interrupted_at"], "resumed_at": resumed_at}
+
+
+def _mlflow(work: Path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("segpipe")
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    return c, [r for r in runs if r.data.tags.get("stage") == "tune"], [r for r in runs if r.data.tags.get("stage") == "tune-trial"]
+
+
+def test_interrupted_tune_resumes_without_rerunning_finished_trials(tuned, capsys):
+    err = tuned["interrupted"]
+    assert err.exit_code == 130 and "tune of unet interrupted" in str(err) and "tune.resume=true" in str(err)
+    assert tuned["summary"]["trials"] == 3
+    c, parents, children = _mlflow(tuned["work"])
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the resume continued the same parent run
+    assert len(children) == 3, [r.data.tags for r in children]  # one per trial, none created twice
+    before = [r for r in children if r.info.end_time and r.info.end_time / 1000 < tuned["resumed_at"]]
+    assert before, "no trial had ended before the interruption"
+    for r in before:  # a trial that ended before Ctrl-C was not run again: no metric after the resume
+        hist = c.get_metric_history(r.info.run_id, "val/mIoU")
+        assert hist and all(m.timestamp / 1000 < tuned["resumed_at"] for m in hist), r.data.tags
+    for r in children:  # resumed trials continue their history: every epoch exactly once
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")]
+        assert steps == list(range(1, len(steps) + 1)) and steps, (r.data.tags, steps)
+
+
+def test_mlflow_parent_child_runs_and_asha_early_stop(tuned):
+    c, parents, children = _mlflow(tuned["work"])
+    parent = parents[0]
+    assert parent.data.tags["family"] == "unet" and parent.data.tags["ray_experiment"].startswith("tune-unet-")
+    for r in children:
+        tags, params = r.data.tags, r.data.params
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert (tags["stage"], tags["family"], tags["model"]) == ("tune-trial", "unet", "unet")
+        assert r.info.status == "FINISHED"
+        assert params["hp.upsample"] == params["model_options.upsample"] and params["hp.upsample"] in METHODS
+        assert params["train.epochs"] == "2" and params["model_options.base_channels"] == "8"
+        assert tags["early_stopped"] == str(tags["tune.status"] == "early_stopped").lower()
+    assert sorted(r.data.params["hp.upsample"] for r in children) == sorted(METHODS)
+    status = {r.data.params["hp.upsample"]: r.data.tags["tune.status"] for r in children}
+    stopped = [r for r in children if r.data.tags["tune.status"] == "early_stopped"]
+    assert stopped, status  # ASHA stopped at least one trial at its first rung
+    for r in stopped:
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")] == [1]
+    done = [r for r in children if r.data.tags["tune.status"] == "completed"]
+    assert done and all(len(c.get_metric_history(r.info.run_id, "val/mIoU")) == 2 for r in done)
+    # the parent: best config, every trial in a CSV, the plots
+    best = max(done, key=lambda r: r.data.metrics["val/mIoU"])
+    assert parent.data.metrics["best/val_mIoU"] == pytest.approx(best.data.metrics["val/mIoU"])
+    assert parent.data.params["best.upsample"] == best.data.params["hp.upsample"]
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_params.yaml", "best_config.json", "metrics.json", "plots"} <= arts, arts
+    plots = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/miou_vs_upsample.png", "plots/miou_by_upsample.png"} <= plots, plots
+    csv_path = c.download_artifacts(parent.info.run_id, "trials.csv", str(tuned["work"] / "dl"))
+    lines = Path(csv_path).read_text().splitlines()
+    assert lines[0].startswith("trial,trial_id,status,epochs,val_mIoU") and len(lines) == 4
+
+
+def test_reports_best_params_and_apply(tuned):
+    work = tuned["work"]
+    out = work / "reports" / "tune" / "unet"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["trials"], metrics["completed"] + metrics["early_stopped"], metrics["errored"]) == (3, 3, 0)
+    best = json.loads((out / "best_config.json").read_text())
+    assert metrics["best_val_mIoU"] == pytest.approx(best["val_mIoU"])
+    assert best["model"] == "unet" and best["options"]["upsample"] in METHODS
+    # best_params.yaml is a params file `segpipe train -p` takes as it is
+    p = load_params(out / "best_params.yaml")
+    assert p.families["unet"].model == "unet" and p.families["unet"].options == best["options"]
+    assert p.train.epochs == 1 and not p.tune.resume  # the training schedule, not the trials'
+    from pipeline.train import resolve_job
+
+    assert resolve_job(p, "unet").options["upsample"] == best["options"]["upsample"]
+    # --apply merges the best config into a params file, comments kept, nothing run
+    target = work / "apply" / "params.yaml"
+    target.parent.mkdir()
+    shutil.copy(ROOT / "params.yaml", target)
+    proc = run_cli("tune", "--apply", "--family", "unet", "-p", str(target), "-S", f"train.reports_dir={work / 'reports'}",
+                   cwd=target.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "families.unet.model: unet_resnet50 -> unet" in proc.stdout, proc.stdout
+    text = target.read_text()
+    assert "# segpipe params: the single source of every knob" in text
+    applied = load_params(target)
+    assert applied.families["unet"].model == "unet" and applied.families["unet"].options == best["options"]
+    assert applied.families["fcn"] == load_params(ROOT / "params.yaml").families["fcn"]
+    proc = run_cli("tune", "--apply", "--family", "fcn", "-p", str(target), "-S", f"train.reports_dir={work / 'reports'}",
+                   cwd=target.parent)
+    assert_user_error(proc, "no tune result for fcn")
+
+
+def test_bad_search_space_fails_before_any_trial(tmp_path, synthetic_shards):
+    base = tune_overrides(synthetic_shards, tmp_path)
+    for extra, needles in (
+        (["tune.space.unet={upsample: {grid: [bilinear]}, dilation: {choice: [1, 2]}}"],
+         ("tune.space.unet.dilation", "unknown entry")),
+        (["tune.families=[deeplabv3]", "tune.space.deeplabv3={atrous_rates: {grid: [[6, 12, 18], [6, 12]]}}"],
+         ("tune.space.deeplabv3.atrous_rates", "(6, 12)")),
+    ):
+        proc = run_cli("tune", *_args(base + extra), cwd=tmp_path)
+        assert_user_error(proc, *needles)
+        assert "Started a local Ray" not in proc.stderr
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("space, needles", [
+    ({"variant": {"grid": ["32s", "4s"]}}, ("tune.space.fcn.variant", "'4s'")),
+    ({"upsample": {"grid": ["bilinear", "nearest"]}}, ("tune.space.fcn.upsample", "nearest")),
+    ({"lr": {"choice": [0.01, -1]}}, ("tune.space.fcn.lr", "-1")),
+    ({"model": "unet"}, ("tune.space.fcn.model", "not a fcn model")),
+    ({"width": {"uniform": [0.1, 2.0]}}, ("tune.space.fcn.width",)),
+])
+def test_bad_entries_name_the_entry(space, needles, tmp_path, synthetic_shards):
+    from pipeline.errors import UserError
+    from pipeline.tune import resolve_space
+
+    p = load_params(ROOT / "params.yaml", tune_overrides(synthetic_shards, tmp_path) + [f"tune.space.fcn={json.dumps(space)}"])
+    with pytest.raises(UserError) as err:
+        resolve_space(p, "fcn")
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_space_schema_and_joint_aspp_rates(tmp_path, synthetic_shards):
+    from pipeline.config import ParamsError
+    from pipeline.tune import _apply, decode, param_space, resolve_space
+
+    with pytest.raises(ParamsError, match=r"tune.space: fcn.upsample: a search entry is one of"):
+        load_params(ROOT / "params.yaml", ["tune.space.fcn={upsample: {grd: [bilinear]}}"])
+    with pytest.raises(ParamsError, match=r"unet.lr.loguniform: low must be > 0"):
+        load_params(ROOT / "params.yaml", ["tune.space.unet={lr: {loguniform: [0, 1]}}"])
+    # the committed space, with a DeepLabV3 that builds without weight files: atrous_rates only
+    # applies to aspp=parallel, so the grid holds 4 parallel + 1 cascade per output stride
+    p = load_params(ROOT / "params.yaml", [
+        "families.deeplabv3.options={atrous_rates: [12, 24, 36], output_stride: 8, aux_loss: true}"])
+    space = resolve_space(p, "deeplabv3")
+    ps = param_space(space, "random")
+    assert len(ps["aspp+atrous_rates"]["grid_search"]) == 5 and ps["output_stride"]["grid_search"] == [8, 16]
+    cascade = decode(space, {"aspp+atrous_rates": json.dumps({"aspp": "cascade", "atrous_rates": None}),
+                             "output_stride": 16, "lr": 0.01, "weight_decay": 1e-4})
+    model, options, train = _apply(space, cascade)
+    assert options["aspp"] == "cascade" and "atrous_rates" not in options and options["output_stride"] == 16
+    assert train == {"lr": 0.01, "weight_decay": 1e-4}
+    # FCN variants map to the registry names; optuna turns grids into choices
+    p = load_params(ROOT / "params.yaml", ["families.fcn.options={upsample: transposed}"])
+    fcn = resolve_space(p, "fcn")
+    assert _apply(fcn, decode(fcn, {"variant": "16s", "upsample": "unpool", "lr": 0.01, "weight_decay": 0.0}))[0] == "fcn16s_vgg16"
+    from ray.tune.search.sample import Categorical
+
+    assert param_space(fcn, "random")["variant"] == {"grid_search": ["32s", "16s", "8s"]}
+    assert isinstance(param_space(fcn, "optuna")["variant"], Categorical)
+
+
+def test_plots_heatmap_and_upsample_bars(tmp_path):
+    """The DeepLabV3 heat map (atrous_rates x output_stride, one panel per aspp) and the FCN bars
+    (upsampling method x variant) draw from trial rows."""
+    from pipeline.tune import Space, make_plots
+
+    rows = []
+    for i, (rates, stride, aspp) in enumerate([([6, 12, 18], 8, "parallel"), ([12, 24, 36], 16, "parallel"),
+                                               (None, 16, "cascade")]):
+        values = {"atrous_rates": rates, "output_stride": stride, "aspp": aspp, "lr": 0.01 * (i + 1)}
+        options = {k: v for k, v in values.items() if k != "lr" and v is not None}
+        rows.append({"values": values, "options": options, "model": "deeplabv3_resnet50", "val_mIoU": 0.1 * (i + 1),
+                     "status": "completed" if i else "early_stopped"})
+    space = Space(family="deeplabv3", model="deeplabv3_resnet50", options={}, train={},
+                  searched={"atrous_rates": ("grid", [[6, 12, 18], [12, 24, 36]]), "output_stride": ("grid", [8, 16]),
+                            "aspp": ("grid", ["parallel", "cascade"]), "lr": ("loguniform", [0.001, 0.1])})
+    names = {p.name for p in make_plots(rows, space, tmp_path)}
+    assert names == {"miou_vs_atrous_rates.png", "miou_vs_output_stride.png", "miou_vs_aspp.png", "miou_vs_lr.png",
+                     "miou_by_rates_stride.png"}
+    rows = [{"values": {"variant": v, "upsample": u}, "options": {"upsample": u}, "model": f"fcn{v}_vgg16",
+             "val_mIoU": 0.2, "status": "completed"} for v in ("32s", "8s") for u in ("bilinear", "unpool")]
+    fcn = Space(family="fcn", model="fcn8s_vgg16", options={}, train={},
+                searched={"variant": ("grid", ["32s", "8s"]), "upsample": ("grid", ["bilinear", "unpool"])})
+    assert "miou_by_upsample.png" in {p.name for p in make_plots(rows, fcn, tmp_path)}
+    assert all(p.stat().st_size > 5000 for p in tmp_path.glob("*.png"))
