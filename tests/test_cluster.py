@@ -199,6 +199,10 @@ def test_ray_job_submit_train_and_bad_params(ray_head, mlflow_server, synthetic_
 
     good = _submit(ray_head, runtime_env, ["segpipe", "train", "--family", "unet", *sets])
     bad = _submit(ray_head, runtime_env, ["segpipe", "train", "--family", "unet", *sets, "-S", "train.batch_size=-3"])
+    tune = _submit(ray_head, runtime_env, [
+        "segpipe", "tune", *sets, "-S", "tune.families=[unet]", "-S", "tune.space.unet={upsample: {grid: [bilinear, transposed]}}",
+        "-S", "tune.max_epochs=1", "-S", "tune.grace_period=1", "-S", "tune.num_workers=1",
+        "-S", "tune.cpus_per_worker=0.9", "-S", "tune.max_concurrent_trials=1"])
     status, logs = _wait_job(ray_head, good)
     assert status == "SUCCEEDED", logs[-4000:]
     assert "[unet] epoch 1/1" in logs and "[unet] done: val mIoU" in logs
@@ -206,11 +210,18 @@ def test_ray_job_submit_train_and_bad_params(ray_head, mlflow_server, synthetic_
     assert bad_status == "FAILED"
     assert "error: bad params" in bad_logs and "train.batch_size" in bad_logs and "Traceback" not in bad_logs
 
+    tune_status, tune_logs = _wait_job(ray_head, tune)
+    assert tune_status == "SUCCEEDED", tune_logs[-4000:]
+
     # the runs, read back from the tracking server's REST API
     exp = _rest(mlflow_server["url"], "/api/2.0/mlflow/experiments/get-by-name?experiment_name=segpipe")["experiment"]
     runs = _rest(mlflow_server["url"], "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-    assert len(runs) == 1
-    run = runs[0]
+    stage = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]}.get("stage") for r in runs}
+    assert sorted(stage.values()) == ["train", "tune", "tune-trial", "tune-trial"]
+    parent = next(i for i, s_ in stage.items() if s_ == "tune")
+    children = [r for r in runs if stage[r["info"]["run_id"]] == "tune-trial"]
+    assert all({t["key"]: t["value"] for t in r["data"]["tags"]}["mlflow.parentRunId"] == parent for r in children)
+    run = next(r for r in runs if stage[r["info"]["run_id"]] == "train")
     assert run["info"]["status"] == "FINISHED"
     assert {t["key"]: t["value"] for t in run["data"]["tags"]}["family"] == "unet"
     assert any(m["key"] == "val/mIoU" for m in run["data"]["metrics"])
