@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import Params
 from pipeline.download import download, safe_extract
 from pipeline.errors import UserError
@@ -30,17 +31,6 @@ def _check_splits(voc_root: Path, splits: dict[str, str]) -> None:
     for split, rel in splits.items():
         if not (voc_root / rel).is_file():
             raise UserError(f"{voc_root / rel} is missing: the dataset has no {split!r} split list (data.source)")
-
-
-def _swap_in(new_raw: Path, raw: Path) -> None:
-    old = raw.with_name(".raw-old")
-    if old.exists():
-        shutil.rmtree(old)
-    if raw.exists():
-        raw.rename(old)
-    new_raw.rename(raw)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _fetch_into(p: Params, new_raw: Path, progress: bool) -> RawLayout:
@@ -103,7 +93,7 @@ def fetch(p: Params, progress: bool = True) -> RawLayout:
         layout = _fetch_into(p, new_raw, progress)
         _check_splits(layout.root(new_raw), layout.splits)
         layout.save(new_raw)
-        _swap_in(new_raw, raw)
+        storage.swap_in(new_raw, raw)
     finally:
         if new_raw.exists():
             shutil.rmtree(new_raw)

@@ -10,7 +10,6 @@ bad pair exits 2 listing every bad id and leaves the previous shards untouched.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -23,7 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline import storage
 from pipeline.config import Params
+from pipeline.download import sha256sum
 from pipeline.errors import UserError
 from pipeline.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, RawLayout
 
@@ -141,14 +142,6 @@ class ShardWriter:
         return self.closed
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_ids(path: Path) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
@@ -201,22 +194,14 @@ def preprocess(p: Params, progress: bool = True) -> dict:
                 }
                 for path, rows in parts:
                     rel = f"{split}/{path.name}"
-                    manifest["shards"][rel] = {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                    manifest["shards"][rel] = {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256sum(path)}
         if errors:
             raise UserError(
                 f"{len(errors)} bad image/mask pair(s), no shards written (earlier shards untouched): "
                 + "; ".join(errors)
             )
         (new_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        shards = data_dir / "shards"
-        old = data_dir / ".shards-old"
-        if old.exists():
-            shutil.rmtree(old)
-        if shards.exists():
-            shards.rename(old)
-        new_dir.rename(shards)
-        if old.exists():
-            shutil.rmtree(old)
+        storage.swap_in(new_dir, data_dir / "shards")
     finally:
         if pool is not None:
             pool.terminate()

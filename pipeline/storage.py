@@ -5,6 +5,7 @@ or that the driver and Ray share (checkpoints, Tune results) goes through pyarro
 from __future__ import annotations
 
 import posixpath
+import shutil
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -63,3 +64,16 @@ def open_parquet(location: str):
 
     fs, path = filesystem(location)
     return pq.ParquetFile(fs.open_input_file(path))
+
+
+def swap_in(new: Path, dest: Path) -> None:
+    """Replace the local directory `dest` by the complete `new` one (two renames: readers see the
+    old or the new set, never a mix); the old set is removed afterwards."""
+    old = dest.with_name(f".{dest.name}-old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    if old.exists():
+        shutil.rmtree(old)
