@@ -1,5 +1,5 @@
 """Reading the Parquet shards: a torch Dataset, a block-shuffling sampler, the train/eval
-transforms (torchvision.transforms.v2 on (Image, Mask) pairs) and a Ray Data dataset.
+transforms (on uint8 (Image, Mask) pairs, torchvision.transforms.v2.functional) and a Ray Data dataset.
 
 Each worker of a distributed run reads a disjoint part of the rows (rank::world_size), decoding
 only the row groups that hold its rows. JPEGs are decoded with torchvision.io (no re-encoding),
@@ -24,15 +24,12 @@ from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
 # torchvision 0.29 warns on every decode that its decoders move to torchcodec; they still work.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline import storage
+from pipeline.engine import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8  # noqa: F401  (pure torch; re-exported)
 from pipeline.errors import UserError
 from pipeline.voc import IGNORE_INDEX
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def shard_dir(data_dir: str | Path) -> str:
@@ -155,20 +152,6 @@ class BlockShuffleSampler(Sampler[int]):
             yield from b
 
 
-class RandomScale(torch.nn.Module):
-    """Resize by a factor drawn uniformly from [lo, hi] (mask with nearest, as v2 does for Mask)."""
-
-    def __init__(self, lo: float, hi: float):
-        super().__init__()
-        self.lo, self.hi = lo, hi
-
-    def forward(self, image, mask):
-        s = random.uniform(self.lo, self.hi)
-        h, w = image.shape[-2:]
-        size = [max(1, round(h * s)), max(1, round(w * s))]
-        return TF.resize(image, size, antialias=True), TF.resize(mask, size)
-
-
 class PadTo(torch.nn.Module):
     """Pad bottom/right to at least `size` (image with 0, mask with 255 = void)."""
 
@@ -205,16 +188,18 @@ _MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 _INV_STD_255 = 1.0 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)
 
 
-def normalize_uint8(image: torch.Tensor) -> torch.Tensor:
-    """uint8 3xHxW -> float32 (x/255 - mean) / std in two passes (v2.ToDtype + Normalize take three)."""
-    return (image.as_subclass(torch.Tensor).float() - _MEAN_255).mul_(_INV_STD_255)
-
-
 class _Finish(torch.nn.Module):
-    """uint8 image -> normalised float; mask -> int64 HxW."""
+    """uint8 image -> normalised float; mask -> int64 HxW. With normalize=False both stay uint8."""
+
+    def __init__(self, normalize: bool = True):
+        super().__init__()
+        self.normalize = normalize
 
     def forward(self, image, mask):
-        return normalize_uint8(image), mask.as_subclass(torch.Tensor).long()
+        image, mask = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+        if not self.normalize:
+            return image, mask
+        return normalize_uint8(image), mask.long()
 
 
 def _nearest_rows(n_out: int, start: int, stop: int) -> np.ndarray:
@@ -230,11 +215,15 @@ class RandomScaleCrop(torch.nn.Module):
     computed on the part of the image that lands in the crop only: that source window is cut
     first and resized (uint8, antialiased) straight to its place, the mask by an index gather, and
     the result is normalised once into the padded canvas. Same distribution of scales, flips and
-    offsets as the composition, at a fraction of its cost (`segpipe bench loader`)."""
+    offsets as the composition, at a fraction of its cost (`segpipe bench loader`).
 
-    def __init__(self, size: int, lo: float = 0.5, hi: float = 2.0):
+    normalize=False returns a uint8 image and a uint8 mask (4x and 8x fewer bytes to pass from
+    DataLoader workers and to copy to the GPU): pipeline.engine normalises such batches on the
+    device and makes the masks int64 there."""
+
+    def __init__(self, size: int, lo: float = 0.5, hi: float = 2.0, normalize: bool = True):
         super().__init__()
-        self.size, self.lo, self.hi = size, lo, hi
+        self.size, self.lo, self.hi, self.normalize = size, lo, hi, normalize
 
     def forward(self, image, mask):
         image, mask = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
@@ -258,6 +247,13 @@ class RandomScaleCrop(torch.nn.Module):
         m = torch.from_numpy(mask.numpy()[_nearest_rows(vh, r0, r1)][:, _nearest_rows(vw, c0, c1)])
         if flip:
             img, m = img.flip(-1), m.flip(-1)
+        if not self.normalize:
+            if vh == c and vw == c:
+                return img.contiguous(), m.contiguous()
+            out = torch.zeros(3, c, c, dtype=torch.uint8)
+            target = torch.full((c, c), IGNORE_INDEX, dtype=torch.uint8)
+            out[:, :vh, :vw], target[:vh, :vw] = img, m
+            return out, target
         if vh == c and vw == c:
             return normalize_uint8(img), m.long()
         out = (-_MEAN_255 * _INV_STD_255).expand(3, c, c).clone()  # padding: a 0 pixel, normalised
@@ -278,26 +274,17 @@ class PairCompose(torch.nn.Module):
         return image, mask
 
 
-class _Both(torch.nn.Module):
-    """Apply one v2 transform to the (Image, Mask) pair with the same random parameters."""
-
-    def __init__(self, t):
-        super().__init__()
-        self.t = t
-
-    def forward(self, image, mask):
-        return self.t(image, mask)
-
-
-def train_transform(crop_size: int, scale_min: float = 0.5, scale_max: float = 2.0) -> RandomScaleCrop:
+def train_transform(crop_size: int, scale_min: float = 0.5, scale_max: float = 2.0,
+                    normalize: bool = True) -> RandomScaleCrop:
     """Random scale, horizontal flip, pad (mask with 255), random crop, normalise (fused: see
-    RandomScaleCrop)."""
-    return RandomScaleCrop(crop_size, scale_min, scale_max)
+    RandomScaleCrop; normalize=False: uint8 image and mask, normalised later on the device)."""
+    return RandomScaleCrop(crop_size, scale_min, scale_max, normalize)
 
 
-def eval_transform(size: int) -> PairCompose:
-    """Shrink to fit inside size x size, then pad to exactly that (mask padded with 255)."""
-    return PairCompose(FitInside(size), PadTo(size), _Finish())
+def eval_transform(size: int, normalize: bool = True) -> PairCompose:
+    """Shrink to fit inside size x size, then pad to exactly that (mask padded with 255);
+    normalize=False: uint8 image and mask, as train_transform."""
+    return PairCompose(FitInside(size), PadTo(size), _Finish(normalize))
 
 
 def ray_dataset(data_dir: str | Path, split: str):

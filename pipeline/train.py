@@ -138,9 +138,12 @@ def build_loaders(cfg: dict, rank: int, world_size: int, epoch: int):
 
     from pipeline.data import BlockShuffleSampler, ShardDataset, eval_transform, train_transform
 
-    train_ds = ShardDataset(cfg["data_dir"], "train", train_transform(cfg["crop_size"], cfg["scale_min"], cfg["scale_max"]),
+    # uint8 images and masks: pipeline.engine normalises them on the device (`segpipe bench loader`)
+    train_ds = ShardDataset(cfg["data_dir"], "train", train_transform(cfg["crop_size"], cfg["scale_min"], cfg["scale_max"],
+                                                                       normalize=False),
                             rank=rank, world_size=world_size, pad=True)
-    val_ds = ShardDataset(cfg["data_dir"], "val", eval_transform(cfg["eval_size"]), rank=rank, world_size=world_size)
+    val_ds = ShardDataset(cfg["data_dir"], "val", eval_transform(cfg["eval_size"], normalize=False), rank=rank,
+                          world_size=world_size)
     sampler = BlockShuffleSampler(train_ds, seed=cfg["seed"] * 100 + rank)
     sampler.set_epoch(epoch)
     gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch * 101 + rank)

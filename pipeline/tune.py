@@ -21,7 +21,6 @@ plots/. `tune.resume: true` continues the latest interrupted tune of the family 
 
 from __future__ import annotations
 
-import copy
 import csv
 import itertools
 import json
@@ -123,7 +122,6 @@ def resolve_space(p: Params, family: str) -> Space:
     from pydantic import ValidationError
 
     from pipeline.config import TrainParams
-    from pipeline.train import check_model
     from seg_models import list_models, model_info
 
     if family not in p.families:
@@ -131,8 +129,8 @@ def resolve_space(p: Params, family: str) -> Space:
     if family not in p.tune.space:
         raise UserError(f"no search space for {family!r}: add tune.space.{family} "
                         f"(spaces given: {sorted(p.tune.space)}) (tune.space)")
-    # an entry set to null is left out: `-S` / `dvc exp run -S` merge mappings, so null is how an
-    # override drops an entry of params.yaml's space
+    # an entry set to null is left out: `dvc exp run -S` merges mappings, so null is how it drops an
+    # entry of params.yaml's space
     entries = {k: v for k, v in (p.tune.space[family] or {}).items() if v is not None}
     where = f"tune.space.{family}"
     base_model = p.families[family].model
@@ -419,7 +417,7 @@ def reap_orphan_placement_groups() -> int:
         return 0
 
 
-def _progress_callback(family: str, max_epochs: int):
+def _progress_callback(space: Space, max_epochs: int):
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -435,10 +433,8 @@ def _progress_callback(family: str, max_epochs: int):
                 reap_orphan_placement_groups()
 
         def _label(self, trial) -> str:
-            n = _trial_number(trial.trial_id)
-            cfg = ", ".join(f"{k}={_show(json.loads(v) if isinstance(v, str) and v[:1] in '[{' else v)}"
-                            for k, v in trial.config.items())
-            return f"[{family} trial {n} {trial.trial_id}] {cfg}"
+            cfg = ", ".join(f"{k}={_show(v)}" for k, v in decode(space, trial.config).items())
+            return f"[{space.family} trial {_trial_number(trial.trial_id)} {trial.trial_id}] {cfg}"
 
         def on_trial_start(self, iteration, trials, trial, **info):
             print(f"{self._label(trial)}: started", flush=True)
@@ -454,7 +450,8 @@ def _progress_callback(family: str, max_epochs: int):
             print(f"{self._label(trial)}: {how}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"{self._label(trial)}: FAILED (see {trial.error_file or 'the Ray logs'})", flush=True)
+            print(f"{self._label(trial)}: FAILED (see {getattr(trial, 'error_file', None) or 'the Ray logs'})",
+                  flush=True)
 
     return Progress()
 
@@ -464,8 +461,10 @@ def _progress_callback(family: str, max_epochs: int):
 
 def storage_root(p: Params) -> str:
     """ray.storage_path: a URI (s3://, gs://, ...) as is, a local path made absolute."""
-    s = p.ray.storage_path
-    return s if "://" in s else str(Path(s).expanduser().resolve())
+    from pipeline import storage
+
+    return storage.resolve(Path(p.ray.storage_path).expanduser() if not storage.is_uri(p.ray.storage_path)
+                           else p.ray.storage_path)
 
 
 def out_dir(p: Params, family: str) -> Path:
@@ -473,10 +472,16 @@ def out_dir(p: Params, family: str) -> Path:
 
 
 def _check_resources(p: Params) -> None:
+    """A trial that can never get its CPUs would wait forever: fail first (a cluster may grow: warn)."""
     import ray
 
     need = p.tune.trainable_cpus + p.tune.num_workers * p.tune.cpus_per_worker
-    have = ray.cluster_resources().get("CPU", 0.0)
+    if ray.is_initialized():
+        have = ray.cluster_resources().get("CPU", 0.0)
+    elif not (p.ray.address or os.environ.get("RAY_ADDRESS")):
+        have = float(os.cpu_count() or 1)  # what a local ray.init() gets
+    else:
+        return
     if need > have + 1e-9:
         msg = (f"a trial needs {need:g} CPUs (tune.trainable_cpus + tune.num_workers x tune.cpus_per_worker) but "
                f"Ray has {have:g}: lower tune.num_workers or tune.cpus_per_worker")
@@ -511,16 +516,23 @@ def tune_family(p: Params, space: Space) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline import tracking
+    from pipeline import storage, tracking
     from pipeline.train import ray_init
 
     family, t = space.family, p.tune
     uri = tracking.resolve_tracking_uri(p.mlflow.tracking_uri)
     # trials run in other processes and directories: every path absolute
     trial_p = p.model_copy(update={
-        "data": p.data.model_copy(update={"dir": str(Path(p.data.dir).resolve())}),
+        "data": p.data.model_copy(update={"dir": storage.resolve(p.data.dir)}),
         "mlflow": p.mlflow.model_copy(update={"tracking_uri": uri}),
     })
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our lines only
+    if not (p.ray.address or os.environ.get("RAY_ADDRESS")):
+        # one machine cannot be preempted: one process less per trial (the setting travels to
+        # every trial's TorchTrainer with Train's propagated variables)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray_init(p)
+    _check_resources(p)
     root = storage_root(p)
     target = _resume_target(p, family, uri) if t.resume else None
     if t.resume and target is None:
@@ -543,18 +555,15 @@ def tune_family(p: Params, space: Space) -> dict:
     started = time.time()
     status = "FAILED"
     try:
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our lines only
-        if not (p.ray.address or os.environ.get("RAY_ADDRESS")):
-            # one machine cannot be preempted: one process less per trial (the setting travels to
-            # every trial's TorchTrainer with Train's propagated variables)
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray_init(p)
-        _check_resources(p)
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": t.trainable_cpus})
         if target:
             tuner = tune.Tuner.restore(f"{root}/{name}", trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
             _restore_asha_rungs(tuner, uri, p.mlflow.experiment, parent_run_id)
+            # the restored run config holds the callbacks pickled at the start: use this version's
+            run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+            if run_config is not None:
+                run_config.callbacks = [_progress_callback(space, t.max_epochs)]
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -569,7 +578,7 @@ def tune_family(p: Params, space: Space) -> dict:
                     search_alg=_search_alg(p), trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0),
-                                          callbacks=[_progress_callback(family, t.max_epochs)]),
+                                          callbacks=[_progress_callback(space, t.max_epochs)]),
             )
         tuner.fit()
         # the trials as saved: on Ctrl-C Tune saves the live trials as RUNNING and then stops them
@@ -679,6 +688,9 @@ def _rows(p: Params, space: Space, trials, uri: str, parent_run_id: str) -> list
             if status in ("completed", "early_stopped", "error"):
                 c.set_tag(run.info.run_id, "tune.status", status)
                 c.set_tag(run.info.run_id, "early_stopped", str(status == "early_stopped").lower())
+                # the epoch Tune judged last; an epoch in flight when ASHA stopped the trial may still
+                # have been logged after it
+                c.set_tag(run.info.run_id, "tune.epochs", str(epoch))
                 # a trial ASHA stops is killed: its run may still be RUNNING (or FAILED by the kill)
                 want = "FAILED" if status == "error" else "FINISHED"
                 if run.info.status != want:
@@ -727,7 +739,7 @@ def finish(p: Params, space: Space, rows: list[dict], uri: str, parent_run_id: s
         "family": family, "best_val_mIoU": best["val_mIoU"], "best_epochs": best["epochs"],
         "trials": len(rows), "completed": counts["completed"], "early_stopped": counts["early_stopped"],
         "errored": counts["error"], "best_trial": best["trial_id"], "best_model": best["model"],
-        "best_config": {k: _show(v) for k, v in best["values"].items()},
+        "best_config": {k: v if isinstance(v, (int, float, str)) else _show(v) for k, v in best["values"].items()},
         "mlflow_parent_run_id": parent_run_id, "mlflow_best_run_id": best["mlflow_run_id"],
         "ray_experiment": name, "tune_seconds": round(seconds, 1),
     }
@@ -807,13 +819,14 @@ def best_params_yaml(p: Params, family: str, best: dict) -> str:
 
 def _print_table(rows: list[dict], space: Space, best: dict, where: Path) -> None:
     hps = list(space.searched)
-    head = f"{'#':>3} {'status':<13} {'ep':>3} {'val mIoU':>8}  " + "  ".join(hps)
-    lines = [head]
+    widths = {h: max([len(h)] + [len(_show(r["values"].get(h))) for r in rows]) for h in hps}
+    lines = [f"{'trial':>5}  {'status':<13} {'epochs':>6} {'val mIoU':>8}  " + "  ".join(f"{h:<{widths[h]}}" for h in hps)]
     for r in sorted(rows, key=lambda r: -(r["val_mIoU"] if r["val_mIoU"] is not None else -1)):
         miou = f"{r['val_mIoU']:.3f}" if r["val_mIoU"] is not None else "-"
         mark = "*" if r is best else " "
-        lines.append(f"{r['trial']:>3}{mark}{r['status']:<13} {r['epochs']:>3} {miou:>8}  "
-                     + "  ".join(_show(r["values"].get(h)) for h in hps))
+        lines.append(f"{r['trial']:>5}{mark} {r['status']:<13} {r['epochs']:>6} {miou:>8}  "
+                     + "  ".join(f"{_show(r['values'].get(h)):<{widths[h]}}" for h in hps))
+    lines.append("(* best)")
     print("\n".join(lines))
     print(f"[{space.family}] best: {best['model']} "
           + ", ".join(f"{k}={_show(v)}" for k, v in best["values"].items())
@@ -839,8 +852,10 @@ def _option(r: dict, name: str):
 
     if name in r["options"]:
         return r["options"][name]
-    defaults = model_info(r["model"])["defaults"]
-    return defaults.get(name, "n/a") if name in model_info(r["model"])["options"] else "n/a"
+    info = model_info(r["model"])
+    if name not in info["options"]:
+        return "fixed"  # e.g. MobileNetV3 DeepLabV3 has no output_stride option
+    return info["defaults"][name]
 
 
 def _variant(model: str) -> str:
@@ -891,30 +906,40 @@ def make_plots(rows: list[dict], space: Space, outdir: Path) -> list[Path]:
 def _heatmap(plt, rows: list[dict], path: Path) -> Path:
     import numpy as np
 
-    rates = sorted({_show(_option(r, "atrous_rates")) for r in rows})
-    strides = sorted({_show(_option(r, "output_stride")) for r in rows})
+    def rates_of(r):
+        v = _option(r, "atrous_rates")
+        if v is None:  # cascade: no ASPP; parallel: the paper's rates for the output stride
+            return "n/a (cascade)" if _option(r, "aspp") == "cascade" else "default"
+        return _show(v)
+
+    def order(label):
+        nums = [int(x) for x in label.strip("()").split(",") if x.strip().isdigit()]
+        return (0, nums) if nums else (1, [label])
+
+    rates = sorted({rates_of(r) for r in rows}, key=order)
+    strides = sorted({_show(_option(r, "output_stride")) for r in rows}, key=order)
     aspps = sorted({_show(_option(r, "aspp")) for r in rows})
-    fig, axes = plt.subplots(1, len(aspps), figsize=(2.2 + 1.6 * len(strides) * len(aspps), 1.6 + 0.6 * len(rates)),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(aspps), squeeze=False,
+                             figsize=(max(6.0, 2.6 + 1.5 * len(strides) * len(aspps)), 1.8 + 0.55 * len(rates)))
+    vmax = max(0.05, max(r["val_mIoU"] for r in rows))
     for ax, aspp in zip(axes[0], aspps):
         grid = np.full((len(rates), len(strides)), np.nan)
         for r in rows:
-            if _show(_option(r, "aspp")) != aspp:
-                continue
-            i, j = rates.index(_show(_option(r, "atrous_rates"))), strides.index(_show(_option(r, "output_stride")))
-            grid[i, j] = np.nanmax([grid[i, j], r["val_mIoU"]])
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=max(0.05, np.nanmax(grid) if
-                                                                                     np.isfinite(grid).any() else 1))
+            if _show(_option(r, "aspp")) == aspp:
+                i, j = rates.index(rates_of(r)), strides.index(_show(_option(r, "output_stride")))
+                grid[i, j] = np.nanmax([grid[i, j], r["val_mIoU"]])
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
         for i in range(len(rates)):
             for j in range(len(strides)):
-                txt = "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3f}"
-                ax.text(j, i, txt, ha="center", va="center", color="w" if not np.isnan(grid[i, j]) else "0.3",
-                        fontsize=9)
+                v = grid[i, j]
+                ax.text(j, i, "-" if np.isnan(v) else f"{v:.3f}", ha="center", va="center", fontsize=9,
+                        color="0.4" if np.isnan(v) else ("k" if v > 0.6 * vmax else "w"))
         ax.set_xticks(range(len(strides)), strides)
         ax.set_yticks(range(len(rates)), rates)
         ax.set_xlabel("output_stride")
         ax.set_ylabel("atrous_rates")
-        ax.set_title(f"aspp = {aspp}" if aspp != "n/a" else "", fontsize=10)
+        if aspp not in ("fixed", "n/a"):
+            ax.set_title(f"aspp = {aspp}", fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.05, pad=0.04)
     fig.suptitle("deeplabv3: best val mIoU by atrous_rates x output_stride", fontsize=10)
     fig.tight_layout()
@@ -945,7 +970,9 @@ def _upsample_bars(plt, rows: list[dict], family: str, path: Path) -> Path:
                            zorder=3)
     ax.set_xticks(range(len(methods)), methods)
     ax.set_xlabel("upsampling method")
-    ax.set_ylabel("val mIoU (bar: best trial; dots: trials, x: stopped early)")
+    ax.set_ylabel("val mIoU")
+    ax.text(0.99, 0.01, "bar: best trial; dots: trials (x: stopped early)", transform=ax.transAxes, ha="right",
+            va="bottom", fontsize=7, color="0.35")
     ax.set_title(f"{family}: val mIoU by upsampling method" + (" and FCN variant" if family == "fcn" else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -1038,6 +1065,7 @@ def run(p: Params, args) -> int:
     from pipeline.train import check_data
 
     check_data(p)
+    _check_resources(p)
     for space in spaces:
         s = tune_family(p, space)
         print(f"[{space.family}] tune done in {s['tune_seconds']:.0f}s: {s['trials']} trials "

@@ -42,13 +42,14 @@ def test_loader_bench_ours_torchvision_and_ray_data(ray_local, tmp_path, capsys)
     assert main(["bench", "loader", "--quick", "--images", "24", "--crop", "64", "--out", str(out)]) == 0
     d = _result(out, "loader")
     names = [r[0] for r in d["table"]["rows"]]
-    assert len(names) == 4 and "VOCSegmentation" in names[0] and "Ray Data" in names[3]
-    assert d["table"]["rows"][0][-1] == 1.0  # the baseline against itself
-    assert all(r[1] > 0 for r in d["table"]["rows"])
-    g = _goal(d, "ours / torchvision VOCSegmentation")
-    assert g["target"] == 1.5 and g["op"] == ">="
+    assert len(names) == 5 and "VOCSegmentation" in names[0] and "segpipe train" in names[3] and "Ray Data" in names[4]
+    assert d["table"]["rows"][0][-2:] == [1.0, 1.0]  # the baseline against itself
+    assert all(r[1] > 0 for r in d["table"]["rows"]) and all(r[3] > 0 for r in d["table"]["rows"][:4])
+    for needle in ("(images per CPU-second)", "(img/s, wall clock)"):
+        g = _goal(d, "ours / torchvision VOCSegmentation " + needle)
+        assert g["target"] == 1.5 and g["op"] == ">="
     printed = capsys.readouterr().out
-    assert "ours / torchvision VOCSegmentation (img/s):" in printed and "goal >= 1.5" in printed
+    assert "ours / torchvision VOCSegmentation (images per CPU-second):" in printed and "goal >= 1.5" in printed
 
 
 def test_model_bench_pairs_ours_with_torchvision(tmp_path):
@@ -138,6 +139,7 @@ def test_gpu_bench_recipe_is_params_yaml_families():
     (["bench", "preprocess", "--sizes", "100"], "two or more positive counts"),
     (["bench", "loader", "-S", "train.epochs=1"], "-S only applies"),
     (["bench", "pipeline", "--stages", "nostage"], "no stage nostage"),
+    (["bench", "gpu", "--device", "cpu", "--models", "nope"], "--models names none of"),
 ])
 def test_bad_bench_input_is_one_error_line(args, needle, tmp_path):
     assert_user_error(run_cli(*args, "--out", str(tmp_path / "b")), needle)
@@ -194,6 +196,28 @@ def test_train_transform_keeps_image_and_mask_aligned():
         padded_any |= bool(pad.any())
         full_any |= not bool(pad.any())
     assert padded_any and full_any  # scales below and above what fills the crop were drawn
+
+
+def test_uint8_hand_over_is_the_normalised_transform():
+    """normalize=False gives the same crop as uint8 (image and mask); pipeline.engine turns that batch
+    into exactly what the float transform gives."""
+    from torchvision import tv_tensors
+
+    from pipeline.data import eval_transform, train_transform
+    from pipeline.engine import StepOptions, _to_device
+
+    image, mask = _scene()
+    for make in (lambda n: train_transform(300, 0.5, 2.0, normalize=n), lambda n: eval_transform(256, normalize=n)):
+        for seed in range(6):
+            torch.manual_seed(seed)
+            xf, yf = make(True)(tv_tensors.Image(image), tv_tensors.Mask(mask))
+            torch.manual_seed(seed)
+            xu, yu = make(False)(tv_tensors.Image(image), tv_tensors.Mask(mask))
+            assert xu.dtype == yu.dtype == torch.uint8 and (xf.dtype, yf.dtype) == (torch.float32, torch.int64)
+            xb, yb = _to_device(xu[None], yu[None], StepOptions(device=torch.device("cpu"), channels_last=True))
+            assert xb.is_contiguous(memory_format=torch.channels_last) and yb.dtype == torch.int64
+            torch.testing.assert_close(xb[0], xf, rtol=0, atol=1e-5)
+            assert torch.equal(yb[0], yf)
 
 
 def test_train_transform_without_scaling_is_the_image_itself():

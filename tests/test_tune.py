@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -39,48 +38,49 @@ def _args(overrides: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tuned(ray_local, synthetic_shards, tmp_path_factory):
-    """Run the tune in this process (the session's Ray), Ctrl-C it (SIGINT, caught by Tune's
-    handler) once a trial has ended, resume it with tune.resume=true; return what the tests need."""
-    from mlflow.tracking import MlflowClient
-
+    """Run the tune in this process (the session's Ray), Ctrl-C it (SIGINT to this process, caught
+    by Tune's handler) as soon as Tune has recorded the end of a first trial, resume it with
+    tune.resume=true; return what the tests need."""
+    import pipeline.tune as tune_mod
     from pipeline.tune import TuneInterrupted, resolve_space, tune_family
 
     work = tmp_path_factory.mktemp("tune")
     overrides = tune_overrides(synthetic_shards, work)
     p = load_params(ROOT / "params.yaml", overrides)
     space = resolve_space(p, "unet")
-    state = {"interrupted_at": None}
-    stop = threading.Event()
+    state = {"interrupted_at": None, "ended_before": []}
+    progress = tune_mod._progress_callback
 
-    def interrupt_after_first_trial():
-        client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-        while not stop.wait(0.5):
-            try:
-                exp = client.get_experiment_by_name("segpipe")
-                runs = client.search_runs([exp.experiment_id], "tags.stage = 'tune-trial'") if exp else []
-            except Exception:  # the store is being created
-                continue
-            handler = signal.getsignal(signal.SIGINT)
-            # only into Tune's own handler, never into pytest's (that would end the session)
-            if any(r.info.status == "FINISHED" for r in runs) and getattr(handler, "__name__", "") == "signal_interrupt_tune_run":
+    def progress_then_ctrl_c(space, max_epochs):
+        cb = progress(space, max_epochs)
+        on_complete = cb.on_trial_complete
+
+        def on_trial_complete(iteration, trials, trial, **info):
+            on_complete(iteration, trials, trial, **info)
+            state["ended_before"].append(trial.trial_id)
+            if state["interrupted_at"] is None:  # the driver's main thread, inside Tuner.fit: Tune's handler
                 state["interrupted_at"] = time.time()
                 os.kill(os.getpid(), signal.SIGINT)
-                return
 
-    watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
-    watcher.start()
+        cb.on_trial_complete = on_trial_complete
+        return cb
+
+    env = dict(os.environ)  # tune_family sets a few Ray variables for its process: not for later tests
     try:
-        with pytest.raises(TuneInterrupted) as interrupted:
-            tune_family(p, space)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tune_mod, "_progress_callback", progress_then_ctrl_c)
+            with pytest.raises(TuneInterrupted) as interrupted:
+                tune_family(p, space)
+        assert state["interrupted_at"] is not None
+        ended_before = list(state["ended_before"])
+        resumed_at = time.time()
+        p2 = load_params(ROOT / "params.yaml", overrides + ["tune.resume=true"])
+        summary = tune_family(p2, resolve_space(p2, "unet"))
     finally:
-        stop.set()
-        watcher.join(timeout=5)
-    assert state["interrupted_at"] is not None
-    resumed_at = time.time()
-    p2 = load_params(ROOT / "params.yaml", overrides + ["tune.resume=true"])
-    summary = tune_family(p2, resolve_space(p2, "unet"))
+        os.environ.clear()
+        os.environ.update(env)
     return {"work": work, "overrides": overrides, "interrupted": interrupted.value, "summary": summary,
-            "interrupted_at": state["interrupted_at"], "resumed_at": resumed_at}
+            "interrupted_at": state["interrupted_at"], "resumed_at": resumed_at, "ended_before": ended_before}
 
 
 def _mlflow(work: Path):
@@ -92,18 +92,20 @@ def _mlflow(work: Path):
     return c, [r for r in runs if r.data.tags.get("stage") == "tune"], [r for r in runs if r.data.tags.get("stage") == "tune-trial"]
 
 
-def test_interrupted_tune_resumes_without_rerunning_finished_trials(tuned, capsys):
+def test_interrupted_tune_resumes_without_rerunning_finished_trials(tuned):
     err = tuned["interrupted"]
     assert err.exit_code == 130 and "tune of unet interrupted" in str(err) and "tune.resume=true" in str(err)
     assert tuned["summary"]["trials"] == 3
     c, parents, children = _mlflow(tuned["work"])
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the resume continued the same parent run
     assert len(children) == 3, [r.data.tags for r in children]  # one per trial, none created twice
-    before = [r for r in children if r.info.end_time and r.info.end_time / 1000 < tuned["resumed_at"]]
+    before = [r for r in children if r.data.tags["trial_id"] in tuned["ended_before"]]
     assert before, "no trial had ended before the interruption"
-    for r in before:  # a trial that ended before Ctrl-C was not run again: no metric after the resume
+    assert len(before) < 3, "every trial had ended: nothing was left to resume"
+    for r in before:  # a trial that ended before Ctrl-C was not run again: nothing of it after the resume
         hist = c.get_metric_history(r.info.run_id, "val/mIoU")
         assert hist and all(m.timestamp / 1000 < tuned["resumed_at"] for m in hist), r.data.tags
+        assert r.info.end_time / 1000 < tuned["resumed_at"], "an ended trial was started again"  # its run untouched
     for r in children:  # resumed trials continue their history: every epoch exactly once
         steps = [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")]
         assert steps == list(range(1, len(steps) + 1)) and steps, (r.data.tags, steps)
@@ -125,10 +127,12 @@ def test_mlflow_parent_child_runs_and_asha_early_stop(tuned):
     status = {r.data.params["hp.upsample"]: r.data.tags["tune.status"] for r in children}
     stopped = [r for r in children if r.data.tags["tune.status"] == "early_stopped"]
     assert stopped, status  # ASHA stopped at least one trial at its first rung
-    for r in stopped:
-        assert [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")] == [1]
+    for r in stopped:  # stopped at the first rung (an epoch in flight then may still have been logged)
+        assert r.data.tags["tune.epochs"] == "1"
+        assert c.get_metric_history(r.info.run_id, "val/mIoU")[0].step == 1
     done = [r for r in children if r.data.tags["tune.status"] == "completed"]
-    assert done and all(len(c.get_metric_history(r.info.run_id, "val/mIoU")) == 2 for r in done)
+    assert done and all(r.data.tags["tune.epochs"] == "2" for r in done)
+    assert all([m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")] == [1, 2] for r in done)
     # the parent: best config, every trial in a CSV, the plots
     best = max(done, key=lambda r: r.data.metrics["val/mIoU"])
     assert parent.data.metrics["best/val_mIoU"] == pytest.approx(best.data.metrics["val/mIoU"])
