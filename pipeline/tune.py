@@ -22,6 +22,7 @@ plots/. `tune.resume: true` continues the latest interrupted tune of the family 
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import math
@@ -446,7 +447,12 @@ def _progress_callback(space: Space, max_epochs: int):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             epoch = (trial.last_result or {}).get("epoch", 0)
-            how = "done" if epoch >= max_epochs else f"stopped early by ASHA after epoch {epoch}"
+            if trial.trial_id in ASHA_STOPS:
+                how = f"stopped early by ASHA at epoch {ASHA_STOPS[trial.trial_id]}"
+            elif epoch >= max_epochs:
+                how = "done"
+            else:  # resumed at its final checkpoint: its last epochs ran before the interruption
+                how = "done (its last epochs ran before the interruption)"
             print(f"{self._label(trial)}: {how}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -514,7 +520,6 @@ def _resume_target(p: Params, family: str, uri: str) -> tuple[str, str] | None:
 def tune_family(p: Params, space: Space) -> dict:
     """Run (or resume) the tune of one family; returns the summary written to metrics.json."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from pipeline import storage, tracking
     from pipeline.train import ray_init
@@ -571,10 +576,8 @@ def tune_family(p: Params, space: Space) -> dict:
                 tune_config=tune.TuneConfig(
                     metric=METRIC, mode="max", num_samples=t.num_samples,
                     max_concurrent_trials=t.max_concurrent_trials if t.search_alg != "random" else None,
-                    # stop_last_trials=False: a trial that reaches max_epochs ends by itself (its TorchTrainer
-                    # shuts down cleanly) instead of being killed on its last report
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=t.max_epochs, grace_period=t.grace_period,
-                                            reduction_factor=t.reduction_factor, stop_last_trials=False),
+                    scheduler=asha_scheduler(t, functools.partial(mark_asha_stop, uri, p.mlflow.experiment,
+                                                                  parent_run_id)),
                     search_alg=_search_alg(p), trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0),
@@ -607,6 +610,44 @@ def tune_family(p: Params, space: Space) -> dict:
         raise
     finally:
         tracking.end_run(uri, parent_run_id, status)
+
+
+ASHA_STOPS: dict[str, int] = {}  # trial id -> epoch, this driver's ASHA decisions (for the progress lines)
+
+
+def mark_asha_stop(uri: str, experiment: str, parent_run_id: str, trial_id: str, epoch: int) -> None:
+    """Record ASHA's decision on the trial's child run at once (a resumed tune still knows it)."""
+    ASHA_STOPS[trial_id] = epoch
+    run = _find_child(uri, experiment, parent_run_id, trial_id)
+    if run is not None:
+        from pipeline import tracking
+
+        tracking.client(uri).set_tag(run.info.run_id, "tune.asha_stopped_at", str(epoch))
+
+
+def asha_scheduler(t, mark):
+    """ASHAScheduler on epochs that calls mark(trial_id, epoch) for each trial it stops early."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class Asha(ASHAScheduler):
+        def __init__(self, mark, **kwargs):
+            super().__init__(**kwargs)
+            self.mark = mark
+
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            epoch = int(result.get("epoch") or 0)
+            if action == TrialScheduler.STOP and epoch < self._max_t:
+                try:
+                    self.mark(trial.trial_id, epoch)
+                except Exception:  # bookkeeping only: never stop the tune for it
+                    pass
+            return action
+
+    # stop_last_trials=False: a trial that reaches max_epochs ends by itself (its TorchTrainer shuts
+    # down cleanly) instead of being killed on its last report
+    return Asha(mark, time_attr="epoch", max_t=t.max_epochs, grace_period=t.grace_period,
+                reduction_factor=t.reduction_factor, stop_last_trials=False)
 
 
 def expected_trials(space: Space, t) -> int:
@@ -672,38 +713,38 @@ def _rows(p: Params, space: Space, trials, uri: str, parent_run_id: str) -> list
     for trial in sorted(trials, key=lambda tr: tr.trial_id):
         n = _trial_number(trial.trial_id)
         last = trial.last_result or {}
-        epoch = int(last.get("epoch") or 0)
+        run = children.get(trial.trial_id)
+        # the child run's history is the record of the epochs trained: Tune may have missed the report
+        # of an epoch in flight when it was interrupted or stopped the trial
+        history = [] if run is None else sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, METRIC))
+        epoch = history[-1][0] if history else int(last.get("epoch") or 0)
+        final = history[-1][1] if history else last.get(METRIC)
+        stopped_at = run.data.tags.get("tune.asha_stopped_at") if run is not None else None
         if trial.status == "ERROR":
             status = "error"
         elif trial.status == "TERMINATED":
-            status = "completed" if epoch >= p.tune.max_epochs else "early_stopped"
+            status = "early_stopped" if stopped_at else "completed"
         else:
             status = trial.status.lower()
         values = decode(space, trial.config)
         model, options, train = _apply(space, values)
-        run = children.get(trial.trial_id)
-        history = []
-        if run is not None:
-            history = sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, METRIC))
-            if status in ("completed", "early_stopped", "error"):
-                c.set_tag(run.info.run_id, "tune.status", status)
-                c.set_tag(run.info.run_id, "early_stopped", str(status == "early_stopped").lower())
-                # the epoch Tune judged last; an epoch in flight when ASHA stopped the trial may still
-                # have been logged after it
-                c.set_tag(run.info.run_id, "tune.epochs", str(epoch))
-                # a trial ASHA stops is killed: its run may still be RUNNING (or FAILED by the kill)
-                want = "FAILED" if status == "error" else "FINISHED"
-                if run.info.status != want:
-                    c.set_terminated(run.info.run_id, status=want)
+        if run is not None and status in ("completed", "early_stopped", "error"):
+            c.set_tag(run.info.run_id, "tune.status", status)
+            c.set_tag(run.info.run_id, "early_stopped", str(status == "early_stopped").lower())
+            # a trial ASHA stops is killed: its run may still be RUNNING (or FAILED by the kill)
+            want = "FAILED" if status == "error" else "FINISHED"
+            if run.info.status != want:
+                c.set_terminated(run.info.run_id, status=want)
         error = ""
         if status == "error":
             error = _error_text(trial)
-        final = last.get(METRIC)
         rows.append({
             "trial": n, "trial_id": trial.trial_id, "status": status, "epochs": epoch,
+            "stopped_at": int(stopped_at) if stopped_at else None,
             "val_mIoU": float(final) if final is not None else None,
             "best_val_mIoU": max((v for _, v in history), default=final),
-            "val_pixel_acc": last.get("val/pixel_acc"), "train_loss": last.get("train/loss"),
+            "val_pixel_acc": (run.data.metrics if run is not None else last).get("val/pixel_acc"),
+            "train_loss": (run.data.metrics if run is not None else last).get("train/loss"),
             "model": model, "options": options, "train": {**{k: getattr(p.train, k) for k in TRAIN_KEYS}, **train},
             "values": values, "mlflow_run_id": run.info.run_id if run is not None else "", "error": error,
         })
@@ -790,7 +831,7 @@ def finish(p: Params, space: Space, rows: list[dict], uri: str, parent_run_id: s
 
 def _write_csv(rows: list[dict], space: Space, path: Path) -> None:
     hps = list(space.searched)
-    cols = ["trial", "trial_id", "status", "epochs", "val_mIoU", "best_val_mIoU", "val_pixel_acc", "train_loss", "model",
+    cols = ["trial", "trial_id", "status", "epochs", "stopped_at", "val_mIoU", "best_val_mIoU", "val_pixel_acc", "train_loss", "model",
             *hps, "mlflow_run_id", "error"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
