@@ -144,7 +144,7 @@ def test_mlflow_parent_child_runs_and_asha_early_stop(tuned):
     assert {"plots/miou_vs_upsample.png", "plots/miou_by_upsample.png"} <= plots, plots
     csv_path = c.download_artifacts(parent.info.run_id, "trials.csv", str(tuned["work"] / "dl"))
     lines = Path(csv_path).read_text().splitlines()
-    assert lines[0].startswith("trial,trial_id,status,epochs,val_mIoU") and len(lines) == 4
+    assert lines[0].startswith("trial,trial_id,status,epochs,stopped_at,val_mIoU") and len(lines) == 4
 
 
 def test_reports_best_params_and_apply(tuned):
