@@ -55,17 +55,35 @@ def git_commit() -> str:
         return "unknown"
 
 
+# MLflow 3 opens an experiment in its GenAI view unless it is tagged as model development
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(c, name: str) -> str:
     """Get or create; with a sqlite store the artifacts go to mlruns/ beside the database file
-    (absolute), not to the current directory of whichever process logs first."""
+    (absolute), not to the current directory of whichever process logs first. The experiment
+    carries EXPERIMENT_KIND (also set on experiments made before the tag existed)."""
     exp = c.get_experiment_by_name(name)
     if exp:
+        for key, value in EXPERIMENT_KIND.items():
+            if exp.tags.get(key) != value:
+                c.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     uri = c.tracking_uri
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def compare_url(base: str, exp_id: str, stage: str = "train") -> str:
+    """The experiment's runs in the UI's model-training view, chart mode, filtered to one stage:
+    where a user compares the families (MLflow 3 needs workflowType=machine_learning)."""
+    from urllib.parse import quote, urlencode
+
+    query = urlencode({"workflowType": "machine_learning", "compareRunsMode": "CHART",
+                       "searchFilter": f"tags.stage = '{stage}'"}, quote_via=quote)
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{query}"
 
 
 def start_run(uri: str, p: Params, *, family: str, model: str, options: dict, stage: str,

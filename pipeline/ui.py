@@ -56,13 +56,17 @@ def server_command(uri: str, port: int) -> list[str]:
 
 
 def _experiment_id(uri: str, name: str) -> str | None:
-    from pipeline.tracking import client
+    """The experiment's id (tagged as model development on the way), or None when it does not exist."""
+    from pipeline.tracking import client, experiment_id
 
-    try:
-        exp = client(uri).get_experiment_by_name(name)
-        return exp.experiment_id if exp else None
-    except Exception:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
         return None
+    try:
+        return experiment_id(c, name)
+    except Exception:  # a read-only store still serves the UI: only the tag is missing then
+        return exp.experiment_id
 
 
 def _interrupt(signum, frame):
@@ -96,10 +100,15 @@ def run(p: Params, args) -> int:
                         "(`dvc repro` or `segpipe train --family <name>`) (mlflow.tracking_uri)")
     if not 1 <= args.port <= 65535:
         raise UserError(f"port must be in 1..65535, got {args.port} (--port)")
+    from pipeline.tracking import compare_url
+
+    exp_id = _experiment_id(uri, p.mlflow.experiment)
+    base = f"http://{HOST}:{args.port}"
+    compare = (f"  compare the families (training runs, chart view): {compare_url(base, exp_id)}" if exp_id else
+               f"  experiment {p.mlflow.experiment!r} has no runs yet: train first")
     return serve(server_command(uri, args.port), host=HOST, port=args.port, timeout=args.timeout, what="MLflow UI",
-                 banner=[f"  store {uri}, experiment {p.mlflow.experiment!r}",
-                         "  compare the families: open the experiment, filter  tags.stage = 'train' , tick the runs, "
-                         "click Compare (README: MLflow UI)"])
+                 banner=[f"  store {uri}, experiment {p.mlflow.experiment!r}", compare,
+                         "  then tick the runs and click Compare (README: MLflow UI)"])
 
 
 def serve(cmd: list[str], *, host: str, port: int, timeout: float, what: str, banner: list[str]) -> int:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -204,6 +205,16 @@ def test_ui_answers_runs_search_and_stops_by_pid(report):
         out = "".join(lines)
         assert f"MLflow UI: http://127.0.0.1:{port}" in out, out
         assert server_pid, out
+        # the printed link opens the model-training view (not MLflow 3's GenAI view), charts, train runs
+        link = re.search(r"chart view\): (\S+)", out).group(1)
+        assert link.startswith(f"http://127.0.0.1:{port}/#/experiments/{js['experiment_id']}/runs?"), link
+        query = urllib.parse.parse_qs(link.split("?", 1)[1])
+        assert query == {"workflowType": ["machine_learning"], "compareRunsMode": ["CHART"],
+                         "searchFilter": ["tags.stage = 'train'"]}, query
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get?experiment_id="
+                                    f"{js['experiment_id']}", timeout=30) as r:
+            exp_tags = {t["key"]: t["value"] for t in json.load(r)["experiment"].get("tags", [])}
+        assert exp_tags.get("mlflow.experimentKind") == "custom_model_development", exp_tags
         body = json.dumps({"experiment_ids": [js["experiment_id"]], "filter": "tags.stage = 'train'"}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
                                      headers={"Content-Type": "application/json"})
