@@ -52,3 +52,13 @@ def test_dvc_repro_preprocess_then_noop(tmp_path):
     third = _run([str(BIN / "dvc"), "repro", "preprocess"], repo)
     assert third.returncode == 0, third.stderr
     assert "Running stage 'preprocess'" in third.stdout and "Running stage 'fetch'" not in third.stdout
+
+
+def test_report_runs_after_every_train_and_tune_stage():
+    """`dvc repro` orders report after the whole train and tune matrices: the comparison has its tune section."""
+    dot = _run([str(BIN / "dvc"), "dag", "--dot", "report"], ROOT)
+    assert dot.returncode == 0, dot.stderr
+    into_report = {line.split("->")[0].strip().strip('"') for line in dot.stdout.splitlines() if '-> "report"' in line}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert {f"tune@{f}" for f in params["tune"]["families"]} <= into_report, into_report
+    assert {f"train@{f}-{s}" for f in params["families"] for s in params["seeds"]} <= into_report, into_report
