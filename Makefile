@@ -25,7 +25,7 @@ quickstart: $(STAMP)
 	$(BIN)/segpipe quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean-data:
 	rm -rf data/raw data/shards data/.raw-new data/.shards-new
