@@ -181,6 +181,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
+    if os.environ.get("SEGPIPE_FAULT_NAN_RANK") == str(rank):  # fault injection (tests): this rank's loss is NaN
+        with torch.no_grad():
+            next(core.parameters()).fill_(float("nan"))
     opts = engine.StepOptions(device=device, amp_dtype=engine.resolve_amp(cfg["amp"], device),
                               aux_weight=cfg["aux_weight"], grad_clip=cfg["grad_clip"], channels_last=cfg["channels_last"])
     train_loader, _ = build_loaders(cfg, rank, world, 0)
@@ -211,6 +214,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             stats = engine.train_epoch(model, train_loader, optimizer, scheduler, scaler, opts, epoch + 1,
                                        any_rank=lambda flag: collective.any_rank(flag, device))
         except engine.NonFiniteLoss as exc:  # every rank stops at this step (the flag is all-reduced)
+            if os.environ.get("SEGPIPE_PID_DIR"):
+                Path(os.environ["SEGPIPE_PID_DIR"], f"nan-{rank}-{exc.epoch}-{exc.step}").touch()
             raise RuntimeError(f"segpipe: {exc}") from None
         # every collective goes through pipeline.dist (on the training device), at every world size
         sums = collective.all_reduce(torch.tensor([stats["loss"] * stats["images"], stats["images"],
