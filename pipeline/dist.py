@@ -47,3 +47,45 @@ def all_reduce(tensor: torch.Tensor, device: torch.device, op: str = "sum") -> t
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on at least one (one all_reduce of one int)."""
     return bool(all_reduce(torch.tensor([int(flag)], dtype=torch.int32), device, "max").item())
+
+
+# ------------------------------------------------------------------------------ process group set-up
+
+
+def _pin_gloo_interface() -> str | None:
+    """Runs in each Ray Train worker before the process group exists: gloo advertises the address
+    of the interface named by GLOO_SOCKET_IFNAME, else whatever the hostname resolves to, which on
+    many machines (/etc/hosts: `127.0.0.1 <hostname>`) is loopback, so a peer on another node is
+    told to connect to 127.0.0.1 and fails ("Gloo connectFullMesh failed ... remote=[127.0.0.1]").
+    Pin it to the interface that holds this worker's Ray node address (the address the nodes
+    already reach each other by). A GLOO_SOCKET_IFNAME set by the user wins."""
+    import psutil
+    import ray
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return os.environ["GLOO_SOCKET_IFNAME"]
+    ip = ray.util.get_node_ip_address()
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == ip for a in addrs):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return name
+    return None
+
+
+def torch_config(backend: str):
+    """Ray's TorchConfig(backend=...) whose set-up first pins gloo to the Ray node's interface
+    (a no-op for NCCL, which picks its interfaces itself; NCCL_SOCKET_IFNAME when it must not)."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class _Backend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            worker_group.execute(_pin_gloo_interface)
+            super().on_start(worker_group, backend_config)
+
+    class _Config(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _Backend
+
+    return _Config(backend=backend)

@@ -168,8 +168,8 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if os.environ.get("SEGPIPE_PID_DIR"):  # lets the killed-worker test find us
-        Path(os.environ["SEGPIPE_PID_DIR"], f"worker-{rank}-{os.getpid()}").touch()
+    if os.environ.get("SEGPIPE_PID_DIR"):  # lets the tests find us (killed-worker) and our node (two-host)
+        Path(os.environ["SEGPIPE_PID_DIR"], f"worker-{rank}-{os.getpid()}").write_text(ray.util.get_node_ip_address())
     torch.set_num_threads(cfg["threads"])
     _seed_everything(cfg["seed"])  # same init weights on every rank
     device = ray.train.torch.get_device()
@@ -349,15 +349,17 @@ def _ray_run_name(job: Job, storage_path: str) -> str:
 def fit(job: Job, callbacks: list | None = None):
     """Build and run the TorchTrainer for `job` (used by train and by every tune trial)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipeline import dist as collective
 
     p = job.params
     gpu = use_gpu(p)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config(job),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=p.ray.num_workers, use_gpu=gpu,
+        torch_config=collective.torch_config("nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=p.ray.num_workers, use_gpu=gpu, placement_strategy=p.ray.placement_strategy,
                                      resources_per_worker={"CPU": p.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(name=job.ray_name, storage_path=job.storage_path,
                              failure_config=FailureConfig(max_failures=p.train.max_failures),
