@@ -131,6 +131,8 @@ class RayParams(_Strict):
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     storage_path: str = "ray_results"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray Train worker placement: PACK fills a node first; SPREAD one worker per node where it can")
 
 
 class ReportParams(_Strict):

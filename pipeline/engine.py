@@ -110,8 +110,13 @@ def _to_device(images, targets, opts: StepOptions):
 
 
 def train_epoch(model, loader, optimizer, scheduler, scaler, opts: StepOptions, epoch: int,
-                max_steps: int | None = None) -> dict[str, float]:
-    """One pass over `loader`. Returns mean loss, images/s, last lr and the image count."""
+                max_steps: int | None = None, any_rank=None) -> dict[str, float]:
+    """One pass over `loader`. Returns mean loss, images/s, last lr and the image count.
+
+    any_rank: `flag -> bool`, true on every rank when the flag is true on one (pipeline.dist.any_rank
+    in the Ray workers). The non-finite-loss check goes through it before backward, so a NaN on
+    one rank stops every rank at the same step (instead of the others waiting in DDP's gradient
+    all-reduce until the collective times out). None: this process alone decides."""
     model.train()
     total_loss, n_images, n_steps = 0.0, 0, 0
     start = time.perf_counter()
@@ -122,7 +127,8 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, opts: StepOptions, 
         with _autocast(opts):
             outputs = model(images)
         loss = loss_fn(outputs, targets, opts.aux_weight)
-        if not torch.isfinite(loss):
+        bad = not bool(torch.isfinite(loss.detach()))
+        if any_rank(bad) if any_rank is not None else bad:
             raise NonFiniteLoss(epoch, step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
@@ -155,12 +161,17 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, opts: StepOptions, 
 
 @torch.no_grad()
 def evaluate(model, loader, opts: StepOptions, num_classes: int) -> torch.Tensor:
-    """Confusion matrix (int64, on CPU) of `model` over `loader`; the caller all-reduces it."""
+    """Confusion matrix (int64, on CPU) of `model` over `loader`; the caller all-reduces it
+    (pipeline.dist.all_reduce moves it to the training device). Pass the unwrapped module
+    (model.module under DDP): eval needs no DDP buffer broadcast, and a rank whose loader is empty
+    (a val split smaller than the world size) then runs no collective the others wait for.
+    Logits are argmaxed in fp32: under bf16/fp16 autocast near-ties would round to the same value
+    and the argmax would pick by index."""
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for images, targets in loader:
         images, targets = _to_device(images, targets, opts)
         with _autocast(opts):
             logits = model(images)["out"]
-        cm += confusion_matrix(logits.argmax(1), targets, num_classes)
+        cm += confusion_matrix(logits.float().argmax(1), targets, num_classes)
     return cm

@@ -103,8 +103,10 @@ def load_model(spec: str, p: Params, device) -> tuple[object, int | None, str]:
     from pipeline.train import load_checkpoint_model
 
     try:
-        model, state = load_checkpoint_model(path)
-    except Exception as exc:  # not a torch file, or not one of ours
+        model, state = load_checkpoint_model(path)  # torch.load(weights_only=True): data never runs code
+    except UserError as exc:
+        raise UserError(f"{exc} (--model)") from None
+    except Exception as exc:  # e.g. options that no longer build
         raise UserError(f"{spec} is not a segpipe checkpoint ({exc.__class__.__name__}) (--model)") from None
     size = state.get("eval_size") or _run_eval_size(uri, state.get("mlflow_run_id"))
     return model.to(device).eval(), size, f"{spec} ({state['model_name']})"

@@ -160,27 +160,30 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
+    from pipeline import dist as collective
     from pipeline import engine
     from pipeline.metrics import scores
     from seg_models import build_model
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if os.environ.get("SEGPIPE_PID_DIR"):  # lets the killed-worker test find us
-        Path(os.environ["SEGPIPE_PID_DIR"], f"worker-{rank}-{os.getpid()}").touch()
+    if os.environ.get("SEGPIPE_PID_DIR"):  # lets the tests find us (killed-worker) and our node (two-host)
+        Path(os.environ["SEGPIPE_PID_DIR"], f"worker-{rank}-{os.getpid()}").write_text(ray.util.get_node_ip_address())
     torch.set_num_threads(cfg["threads"])
     _seed_everything(cfg["seed"])  # same init weights on every rank
     device = ray.train.torch.get_device()
     model = build_model(cfg["model"], num_classes=NUM_CLASSES, **cfg["options"])
     engine.set_bn_momentum(model, cfg["bn_momentum"])
-    if world > 1 and device.type == "cuda":
+    if device.type == "cuda":  # at world size 1 too (SyncBatchNorm then reduces nothing): one code path
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
+    if os.environ.get("SEGPIPE_FAULT_NAN_RANK") == str(rank):  # fault injection (tests): this rank's loss is NaN
+        with torch.no_grad():
+            next(core.parameters()).fill_(float("nan"))
     opts = engine.StepOptions(device=device, amp_dtype=engine.resolve_amp(cfg["amp"], device),
                               aux_weight=cfg["aux_weight"], grad_clip=cfg["grad_clip"], channels_last=cfg["channels_last"])
     train_loader, _ = build_loaders(cfg, rank, world, 0)
@@ -193,7 +196,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
+            try:
+                state = load_state(Path(d) / "state.pt", map_location=device)
+            except UserError as exc:  # the driver checked it before Ray started; a swap since then lands here
+                raise RuntimeError(f"{WORKER_ERROR}{exc}") from None
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -205,18 +211,20 @@ def train_loop_per_worker(cfg: dict) -> None:
     for epoch in range(start_epoch, cfg["epochs"]):
         train_loader, val_loader = build_loaders(cfg, rank, world, epoch)
         try:
-            stats = engine.train_epoch(model, train_loader, optimizer, scheduler, scaler, opts, epoch + 1)
-        except engine.NonFiniteLoss as exc:
+            stats = engine.train_epoch(model, train_loader, optimizer, scheduler, scaler, opts, epoch + 1,
+                                       any_rank=lambda flag: collective.any_rank(flag, device))
+        except engine.NonFiniteLoss as exc:  # every rank stops at this step (the flag is all-reduced)
+            if os.environ.get("SEGPIPE_PID_DIR"):
+                Path(os.environ["SEGPIPE_PID_DIR"], f"nan-{rank}-{exc.epoch}-{exc.step}").touch()
             raise RuntimeError(f"segpipe: {exc}") from None
-        sums = torch.tensor([stats["loss"] * stats["images"], stats["images"], stats["img_per_s"]], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(sums)
+        # every collective goes through pipeline.dist (on the training device), at every world size
+        sums = collective.all_reduce(torch.tensor([stats["loss"] * stats["images"], stats["images"],
+                                                   stats["img_per_s"]], dtype=torch.float64), device)
         metrics = {"epoch": epoch + 1, "train/loss": float(sums[0] / max(1.0, float(sums[1]))),
                    "train/lr": stats["lr"], "train/img_per_s": float(sums[2])}
         if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
-            cm = engine.evaluate(model, val_loader, opts, NUM_CLASSES)
-            if world > 1:
-                dist.all_reduce(cm)
+            # the unwrapped module: no DDP buffer sync, so a rank without val batches hangs nobody
+            cm = collective.all_reduce(engine.evaluate(core, val_loader, opts, NUM_CLASSES), device)
             metrics.update({f"val/{k}": v for k, v in scores(cm).items()})
             metrics["val/confusion_matrix"] = cm.tolist()
         with tempfile.TemporaryDirectory() as tmp:
@@ -341,15 +349,17 @@ def _ray_run_name(job: Job, storage_path: str) -> str:
 def fit(job: Job, callbacks: list | None = None):
     """Build and run the TorchTrainer for `job` (used by train and by every tune trial)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipeline import dist as collective
 
     p = job.params
     gpu = use_gpu(p)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config(job),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=p.ray.num_workers, use_gpu=gpu,
+        torch_config=collective.torch_config("nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=p.ray.num_workers, use_gpu=gpu, placement_strategy=p.ray.placement_strategy,
                                      resources_per_worker={"CPU": p.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(name=job.ray_name, storage_path=job.storage_path,
                              failure_config=FailureConfig(max_failures=p.train.max_failures),
@@ -359,13 +369,68 @@ def fit(job: Job, callbacks: list | None = None):
     return trainer.fit()
 
 
-def load_checkpoint_model(path: str | Path):
-    """A state.pt of a Ray checkpoint or a <family>-seed<N>.pt -> (eval-mode model, state dict)."""
+# A worker's error the driver turns into one `error:` line (Ray wraps worker exceptions).
+WORKER_ERROR = "segpipe-user-error: "
+
+
+def load_state(path, map_location="cpu", name: str | None = None) -> dict:
+    """Read a segpipe checkpoint (a Ray checkpoint's state.pt or a <family>-seed<N>.pt) safely.
+
+    torch.load(weights_only=True): the unpickler builds only tensors, plain containers and
+    numbers/strings (plus torch's own allow-list); any other global (a class, a function such as
+    os.system named by a crafted __reduce__) is refused before anything runs. The checkpoints
+    segpipe writes hold nothing else (model/optimizer/scheduler/scaler state dicts, epoch, model
+    name and options, RNG state as a tensor + Python's getstate() tuple), so no extra globals are
+    allow-listed. Anything unreadable is a UserError naming the file (`name`, default `path`)."""
+    import pickle
+
     import torch
 
+    name = name or str(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        why = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), first[0] if first else "")
+        raise UserError(f"refusing to load {name}: it holds objects other than tensors and plain containers "
+                        f"(weights_only=True: {why.strip()[:160]}); only load checkpoints you trust") from None
+    except Exception as exc:  # not a torch file, truncated, ...
+        raise UserError(f"{name} is not a readable segpipe checkpoint ({exc.__class__.__name__})") from None
+    if not isinstance(state, dict) or not {"model", "model_name", "options"} <= set(state):
+        raise UserError(f"{name} is not a segpipe checkpoint (no model / model_name / options)")
+    return state
+
+
+def check_resume_checkpoints(storage_path: str, run_name: str) -> None:
+    """Before Ray starts: every checkpoint a resumed run could restore loads with weights_only=True
+    (a crafted state.pt on shared storage is refused here, with one `error:` line)."""
+    run_dir = storage.join(storage_path, run_name)
+    if not storage.exists(run_dir):
+        return
+    for d in storage.list_dirs(run_dir):
+        if not d.startswith("checkpoint_"):
+            continue
+        path = storage.join(run_dir, d, "state.pt")
+        if not storage.exists(path):
+            continue
+        try:
+            if storage.is_uri(path):
+                import io
+
+                fs, inner = storage.filesystem(path)
+                with fs.open_input_stream(inner) as f:
+                    load_state(io.BytesIO(f.read()), name=path)
+            else:
+                load_state(path)
+        except UserError as exc:
+            raise UserError(f"{exc} (train.resume, ray.storage_path)") from None
+
+
+def load_checkpoint_model(path: str | Path):
+    """A state.pt of a Ray checkpoint or a <family>-seed<N>.pt -> (eval-mode model, state dict)."""
     from seg_models import build_model
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state(path)
     model = build_model(state["model_name"], num_classes=NUM_CLASSES, **state["options"])
     model.load_state_dict(state["model"])
     return model.eval(), state
@@ -378,6 +443,8 @@ def train(p: Params, family: str | None = None, progress: bool = True) -> dict:
     check_data(p)
     job.storage_path = storage.resolve(p.ray.storage_path)  # local/shared path or s3://, gs://
     job.ray_name = _ray_run_name(job, job.storage_path)
+    if p.train.resume:
+        check_resume_checkpoints(job.storage_path, job.ray_name)
     marker = storage.join(job.storage_path, job.ray_name, "segpipe_run.json")
     if p.train.resume and storage.exists(marker):
         job.run_id = json.loads(storage.read_text(marker))["mlflow_run_id"]
@@ -396,6 +463,11 @@ def train(p: Params, family: str | None = None, progress: bool = True) -> dict:
                 result = fit(job, callbacks=[make_epoch_callback(job, queue)])
         except Exception as exc:  # Ray wraps worker errors; find ours
             text = str(exc)
+            if WORKER_ERROR in text:
+                import re
+
+                m = re.search(re.escape(WORKER_ERROR) + r"(.*)", text)
+                raise UserError(m.group(1).strip()) from None
             if "loss became NaN" in text:
                 import re
 

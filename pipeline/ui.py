@@ -1,8 +1,8 @@
 """`segpipe ui`: the MLflow UI over the tracking store of params.yaml, on 127.0.0.1 only.
 
 Starts `mlflow server` (its own process group, so stopping it stops all of its workers), waits until
-it answers, prints the URL and keeps running until Ctrl-C (or SIGTERM); then stops the server by
-its process id and exits 0.
+it answers, prints the URL and keeps running until Ctrl-C, SIGTERM or SIGHUP (terminal closed);
+then stops the server's whole process tree (by process group and by PID) and exits 0.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def add_arguments(parser) -> None:
 
 def _port_free(port: int, host: str = HOST) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the server will (uvicorn sets it): connections of a just-stopped server in TIME_WAIT do not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -69,24 +71,52 @@ def _experiment_id(uri: str, name: str) -> str | None:
         return exp.experiment_id
 
 
+def _say(line: str) -> None:
+    """print, unless the terminal is gone (SIGHUP): stopping the server matters more than the line."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        pass
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _tree(pid: int) -> list:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the server's process group (it was started as its own session), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    """Stop the server's whole process tree: SIGTERM to its process group (it was started as its
+    own session) and to every descendant found by PID (one that left the group too), then
+    SIGKILL what is still there after `grace` seconds."""
+    import psutil
+
+    tree = _tree(proc.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in tree:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        _, tree = psutil.wait_procs(tree, timeout=grace if sig == signal.SIGTERM else 5.0)
+        if not tree:
+            break
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def run(p: Params, args) -> int:
@@ -111,16 +141,21 @@ def run(p: Params, args) -> int:
                          "  then tick the runs and click Compare (README: MLflow UI)"])
 
 
-def serve(cmd: list[str], *, host: str, port: int, timeout: float, what: str, banner: list[str]) -> int:
-    """Run an `mlflow server` command until Ctrl-C / SIGTERM: wait until it answers, print the URL
-    and `banner`, then stop it by its process group id (also when it fails to start)."""
+def serve(cmd: list[str], *, host: str, port: int, timeout: float, what: str, banner: list[str],
+          env: dict | None = None) -> int:
+    """Run an `mlflow server` command until Ctrl-C / SIGTERM / SIGHUP (a closed terminal): wait
+    until it answers, print the URL and `banner`, then stop its whole process tree (also when it
+    fails to start). `env`: extra environment for the server only (e.g. the auth settings)."""
     if not _port_free(port, host):
         raise UserError(f"port {port} on {host} is in use: pick another with --port N (--port)")
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     log = tempfile.NamedTemporaryFile(prefix="segpipe-mlflow-", suffix=".log", delete=False)
-    # SIGTERM (e.g. `kill <pid>`) stops the server like Ctrl-C does
-    signal.signal(signal.SIGTERM, _interrupt)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    # SIGTERM (`kill <pid>`) and SIGHUP (the terminal closed) stop the server like Ctrl-C does: the
+    # server runs in its own session, so nothing else would stop it
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     try:
         deadline = time.time() + timeout
         while not _answers(url):
@@ -137,11 +172,13 @@ def serve(cmd: list[str], *, host: str, port: int, timeout: float, what: str, ba
             time.sleep(0.5)
         raise UserError(f"mlflow server stopped on its own (exit {proc.returncode}); see {log.name}")
     except KeyboardInterrupt:
-        print(f"stopping the {what} ...", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
+        _say(f"stopping the {what} ...")
         stop(proc)
         log.close()
         Path(log.name).unlink(missing_ok=True)
-        print("stopped", flush=True)
+        _say("stopped")
         return 0
     finally:
         stop(proc)

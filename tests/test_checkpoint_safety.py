@@ -1,0 +1,98 @@
+"""Checkpoints are data, never code (issue 13): every torch.load is weights_only=True, so a
+checkpoint whose pickle carries a malicious __reduce__ is refused with one `error:` line (exit 2)
+and its payload never runs, both for `segpipe predict --model FILE.pt` and for a resumed
+`segpipe train` (a crafted state.pt on ray.storage_path)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, assert_user_error, run_cli
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_checkpoint(path: Path, marker: Path) -> None:
+    import torch
+
+    from seg_models import build_model
+
+    model = build_model("unet", num_classes=21, base_channels=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_name": "unet", "options": {"base_channels": 8}, "model": model.state_dict(), "epoch": 1,
+                "optimizer": Payload(marker)}, path)
+
+
+def test_the_payload_is_real(tmp_path):
+    """The crafted file does run its payload under a plain pickle load (weights_only=False)."""
+    import torch
+
+    marker = tmp_path / "pwned"
+    _evil_checkpoint(tmp_path / "evil.pt", marker)
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_predict_refuses_a_malicious_checkpoint(tmp_path):
+    marker = tmp_path / "pwned"
+    _evil_checkpoint(tmp_path / "evil.pt", marker)
+    image = next((ROOT / "assets").rglob("*.jpg"), None)
+    if image is None:
+        from PIL import Image
+
+        image = tmp_path / "x.jpg"
+        Image.new("RGB", (32, 32)).save(image)
+    proc = run_cli("predict", "-p", str(ROOT / "params.yaml"), "--model", str(tmp_path / "evil.pt"), str(image),
+                   "--out", str(tmp_path / "out"), "--device", "cpu",
+                   "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert_user_error(proc, "refusing to load", "evil.pt", "--model")
+    assert not marker.exists(), "the checkpoint's payload ran"
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_still_loads_a_real_checkpoint(tmp_path):
+    """The safe loader reads what segpipe itself writes (model, options, epoch, run id, eval size)."""
+    import torch
+
+    from pipeline.train import load_checkpoint_model
+    from seg_models import build_model
+
+    model = build_model("unet", num_classes=21, base_channels=8)
+    torch.save({"model_name": "unet", "options": {"base_channels": 8}, "model": model.state_dict(), "epoch": 3,
+                "mlflow_run_id": "abc", "eval_size": 64, "rng": {"torch": torch.get_rng_state(),
+                                                                   "python": random.getstate()}}, tmp_path / "ok.pt")
+    loaded, state = load_checkpoint_model(tmp_path / "ok.pt")
+    assert state["epoch"] == 3 and not loaded.training
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["out"], model.eval()(x)["out"])
+
+
+def test_resume_refuses_a_malicious_checkpoint_before_ray_starts(tmp_path, synthetic_shards):
+    from tests.test_train import tiny_overrides
+
+    marker = tmp_path / "pwned"
+    run_dir = tmp_path / "ray" / "unet-unet-seed0-20260101-000000"
+    _evil_checkpoint(run_dir / "checkpoint_2026-01-01_00-00-00.000000" / "state.pt", marker)
+    before = sorted(str(p) for p in (tmp_path / "ray").rglob("*"))
+    sets = sum((["-S", o] for o in tiny_overrides(synthetic_shards, tmp_path) + ["train.resume=true", "train.epochs=2"]), [])
+    proc = run_cli("train", "-p", str(ROOT / "params.yaml"), "--family", "unet", *sets, cwd=tmp_path)
+    assert_user_error(proc, "refusing to load", "state.pt", "train.resume")
+    assert not marker.exists(), "the checkpoint's payload ran"
+    assert "Started a local Ray" not in proc.stderr
+    assert sorted(str(p) for p in (tmp_path / "ray").rglob("*")) == before
+    assert not (tmp_path / "mlflow.db").exists()
+    shutil.rmtree(tmp_path / "ray")

@@ -1,0 +1,75 @@
+"""The distributed step at world size 2 (issue 13), real Ray, gloo on CPU: a val split smaller
+than the world size (one rank has no val batch) finishes; a NaN loss on one rank stops both ranks
+at the same step with the `error:` line. The collective helper at world size 1 (no Ray)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_train import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def one_val_image(tmp_path_factory) -> Path:
+    from pipeline.config import load_params
+    from pipeline.fetch import fetch
+    from pipeline.preprocess import preprocess
+
+    d = tmp_path_factory.mktemp("oneval") / "data"
+    p = load_params(ROOT / "params.yaml", [f"data.dir={d}", "data.source=synthetic", "data.synthetic.train_count=8",
+                                           "data.synthetic.val_count=1", "data.synthetic.size=64"])
+    fetch(p, progress=False)
+    preprocess(p, progress=False)
+    return d
+
+
+def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), "--family", "unet",
+                           *sum((["-S", o] for o in args), [])], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_two_workers_with_a_one_image_val_split_finish(one_val_image, tmp_path):
+    proc = _train(tiny_overrides(one_val_image, tmp_path) + ["train.sample_images=0", "train.max_failures=0"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[unet] done: val mIoU" in proc.stdout
+    summary = (tmp_path / "reports" / "metrics" / "unet-seed0.json").read_text()
+    import json
+
+    s = json.loads(summary)
+    assert 0.0 <= s["pixel_acc"] <= 1.0  # the one image of rank 0 was evaluated and reduced with rank 1's zeros
+
+
+def test_nan_on_one_rank_stops_every_rank_at_the_same_step(synthetic_shards, tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = _train(tiny_overrides(synthetic_shards, tmp_path) + ["train.sample_images=0", "train.max_failures=0"], tmp_path,
+                  env={"SEGPIPE_FAULT_NAN_RANK": "1", "SEGPIPE_PID_DIR": str(pids)}, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "loss became NaN at epoch 1 step 0" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    stops = sorted(f.name for f in pids.iterdir() if f.name.startswith("nan-"))
+    assert stops == ["nan-0-1-0", "nan-1-1-0"], stops  # rank 0 (finite loss) stopped at the same step
+
+
+def test_collective_helper_at_world_size_one():
+    """Outside Ray, the helper makes a 1-process gloo group and goes through the same call."""
+    code = ("import torch; from pipeline import dist as d; import torch.distributed as td\n"
+            "t = torch.arange(4, dtype=torch.int64)\n"
+            "r = d.all_reduce(t, torch.device('cpu'))\n"
+            "assert td.is_initialized() and td.get_world_size() == 1 and torch.equal(r, t) and r is not t\n"
+            "assert d.any_rank(True, torch.device('cpu')) and not d.any_rank(False, torch.device('cpu'))\n"
+            "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
