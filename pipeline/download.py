@@ -561,7 +561,7 @@ def safe_extract(archive: Path, dest_dir: Path, progress: bool = True, limits: E
             where = f" member {current[0].name!r} of" if current[0] is not None else ""
             raise UserError(
                 f"cannot extract{where} {archive} ({_reason(e)}); nothing was extracted: "
-                f"free space or fix permissions under {dest_dir.parent}"
+                f"free space or fix permissions under {dest_dir.parent} (data.dir)"
             ) from None
         except Exception as e:  # lzma.LZMAError and friends: corrupt compressed data
             if type(e).__module__ in ("lzma", "_lzma", "bz2", "_bz2"):
@@ -574,8 +574,8 @@ def safe_extract(archive: Path, dest_dir: Path, progress: bool = True, limits: E
             _merge(tmp, str(dest_dir))
         except OSError as e:
             raise UserError(
-                f"extracted {archive} but could not move it into {dest_dir} ({_reason(e)}): "
-                f"fix permissions / free space and re-run"
+                f"extracted {archive} but could not move it into place under {dest_dir.parent} "
+                f"({_reason(e)}): fix permissions / free space and re-run (data.dir)"
             ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
