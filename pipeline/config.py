@@ -20,6 +20,13 @@ from pipeline.errors import UserError
 KNOWN_SOURCES = ("sample", "synthetic", "voc2012", "voc2012_aug")
 
 
+# One square side bound for every size knob (train.crop_size, train.eval_size, predict --size):
+# a 4096x4096 float batch of one image is already ~200 MB of input and several GB of activations.
+MAX_SIDE = 4096
+MAX_SIDE_REASON = ("larger squares need tens of GB per image (VOC images are at most 500 px; "
+                   "the usual crop is 513)")
+
+
 class ParamsError(UserError):
     """Bad params: unknown key, wrong type or bad value."""
 
@@ -62,6 +69,13 @@ class DataParams(_Strict):
     row_group_rows: int = Field(100, ge=1, le=100, description="rows per Parquet row group (<= 100)")
     shard_max_mb: float = Field(256.0, gt=0, description="a shard is closed once it reaches this size")
     workers: int = Field(0, ge=0, description="preprocess processes; 0 = all cores")
+    extract_max_gb: float = Field(16.0, gt=0, description="an archive may expand to at most this many GB "
+                                  "(VOC2012 trainval ~2 GB, SBD ~2.5 GB)")
+    extract_max_members: int = Field(200_000, ge=1, description="files + dirs one archive may hold (VOC ~40k, SBD ~35k)")
+    extract_max_ratio: float = Field(100.0, gt=1, description="uncompressed / compressed size an archive may "
+                                     "reach (decompression bombs reach 1000s; VOC/SBD are < 2)")
+    verify_shards: bool = Field(True, description="train/tune check every shard's size, rows and sha256 "
+                                "against manifest.json before Ray starts")
 
     @field_validator("source")
     @classmethod
@@ -88,6 +102,13 @@ class TrainParams(_Strict):
     batch_size: int = Field(8, ge=1, description="per worker")
     crop_size: int = Field(513, ge=16)
     eval_size: int = Field(513, ge=16, description="val images are padded/resized to this square size")
+
+    @field_validator("crop_size", "eval_size")
+    @classmethod
+    def _side(cls, v: int) -> int:
+        if v > MAX_SIDE:
+            raise ValueError(f"must be <= {MAX_SIDE}, got {v}: {MAX_SIDE_REASON}")
+        return v
     scale_min: float = Field(0.5, gt=0)
     scale_max: float = Field(2.0, gt=0)
     lr: float = Field(0.01, gt=0)
@@ -123,6 +144,13 @@ class FamilyParams(_Strict):
 class MlflowParams(_Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "segpipe"
+    # an http(s) tracking server: MLflow's own retries (MLFLOW_HTTP_REQUEST_* env vars, which win
+    # when set), bounded so a short outage is survived and a dead server fails in minutes, not hours
+    http_max_retries: int = Field(5, ge=0, le=10, description="retries of a failed tracking request")
+    http_backoff_factor: int = Field(2, ge=0, le=10, description="retry sleeps: 0, 2f, 4f, 8f, ... seconds")
+    http_timeout_s: int = Field(15, ge=1, le=300, description="timeout of one tracking request")
+    preflight_timeout_s: float = Field(5.0, gt=0, le=60, description="train/tune/report check the store first, "
+                                       "with this timeout per request (no retries)")
 
 
 class RayParams(_Strict):
@@ -143,6 +171,14 @@ class ReportParams(_Strict):
     latency_repeats: int = Field(20, ge=1, description="timed forward passes (batch 1, eval size); the median is reported")
     sample_images: int = Field(4, ge=0, description="val images in the qualitative grid (0 = no grid)")
     register_best: bool = Field(True, description="register each family's best run as segpipe-<family> with alias best")
+
+
+class PredictParams(_Strict):
+    """`segpipe predict`: bounds on what one input image may cost."""
+
+    max_pixels: int = Field(8_000_000, ge=4096, le=100_000_000,
+                            description="a larger image is shrunk to this many pixels first (JPEGs decoded at "
+                                        "reduced scale): keeps peak memory under ~2 GB")
 
 
 SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform")
@@ -235,6 +271,7 @@ class Params(_Strict):
     ray: RayParams = Field(default_factory=RayParams)
     tune: TuneParams = Field(default_factory=TuneParams)
     report: ReportParams = Field(default_factory=ReportParams)
+    predict: PredictParams = Field(default_factory=PredictParams)
 
     @field_validator("seeds")
     @classmethod

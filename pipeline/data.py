@@ -41,7 +41,59 @@ def load_manifest(data_dir: str | Path) -> dict:
     path = storage.join(shard_dir(data_dir), "manifest.json")
     if not storage.exists(path):
         raise UserError(f"no shards in {shard_dir(data_dir)}: run `segpipe preprocess` first (data.dir)")
-    return json.loads(storage.read_text(path))
+    try:
+        manifest = json.loads(storage.read_text(path))
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON: re-run `segpipe preprocess` (data.dir)") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict) \
+            or not isinstance(manifest.get("splits"), dict):
+        raise UserError(f"{path} is not a segpipe manifest: re-run `segpipe preprocess` (data.dir)")
+    return manifest
+
+
+def verify_shards(data_dir: str | Path, splits: tuple[str, ...] | None = None) -> dict:
+    """Check every shard of manifest.json (of `splits`, default all) before training reads it:
+    size, row count (Parquet footer) and sha256 of the whole file. The first mismatch is one
+    UserError naming the shard and saying to re-run preprocess. Returns {"shards", "bytes",
+    "seconds"} (the cost, for `segpipe bench verify`)."""
+    import hashlib
+    import time
+
+    started = time.perf_counter()
+    manifest = load_manifest(data_dir)
+    root = shard_dir(data_dir)
+    fix = "re-run `segpipe preprocess` (data.dir)"
+    checked, total = 0, 0
+    for rel, info in sorted(manifest.get("shards", {}).items()):
+        if splits is not None and rel.split("/", 1)[0] not in splits:
+            continue
+        if ".." in rel.replace("\\", "/").split("/") or rel.startswith("/"):
+            raise UserError(f"manifest.json of {root} names a shard outside it ({rel!r}): {fix}")
+        path = storage.join(root, rel)
+        fs, fpath = storage.filesystem(path)
+        fi = fs.get_file_info(fpath)
+        if fi.type == storage.pafs.FileType.NotFound:
+            raise UserError(f"shard {path} is missing: {fix}")
+        if fi.size != info["bytes"]:
+            raise UserError(f"shard {path} is {fi.size} bytes, manifest.json says {info['bytes']} "
+                            f"(truncated or replaced): {fix}")
+        h = hashlib.sha256()
+        with fs.open_input_stream(fpath) as f:
+            while True:
+                block = f.read(1 << 22)
+                if not block:
+                    break
+                h.update(block)
+        if h.hexdigest() != info["sha256"]:
+            raise UserError(f"shard {path} does not match the sha256 in manifest.json (corrupt): {fix}")
+        try:
+            rows = storage.open_parquet(path).metadata.num_rows
+        except Exception:
+            raise UserError(f"shard {path} is not a readable Parquet file: {fix}") from None
+        if rows != info["rows"]:
+            raise UserError(f"shard {path} has {rows} rows, manifest.json says {info['rows']}: {fix}")
+        checked, total = checked + 1, total + fi.size
+    return {"shards": checked, "bytes": total, "seconds": time.perf_counter() - started}
 
 
 def list_shards(data_dir: str | Path, split: str) -> list[str]:

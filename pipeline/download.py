@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 
-__all__ = ["download", "md5sum", "sha256sum", "safe_extract"]
+__all__ = ["download", "md5sum", "sha256sum", "safe_extract", "ExtractLimits"]
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,66 @@ def download(
 
 
 # ---------------------------------------------------------------------------------- safe_extract
+class ExtractLimits:
+    """Upper bounds on what one archive may expand to, checked member by member while streaming
+    (from the tar headers, before a member's bytes are written). The defaults fit the real VOC2012
+    trainval tar (~2 GB, ~40k members) and SBD's benchmark.tgz (~1.4 GB -> ~2.5 GB, ~35k members)
+    with room to spare; each limit names its params knob in the error."""
+
+    # compressed input read before the ratio is judged: a small archive may hold one well-
+    # compressible file without tripping the ratio check
+    RATIO_FLOOR = 8 << 20
+
+    def __init__(self, max_bytes: int = 16 << 30, max_members: int = 200_000, max_ratio: float = 100.0,
+                 knobs: dict[str, str] | None = None):
+        self.max_bytes = int(max_bytes)
+        self.max_members = int(max_members)
+        self.max_ratio = float(max_ratio)
+        self.knobs = {"bytes": "data.extract_max_gb", "members": "data.extract_max_members",
+                      "ratio": "data.extract_max_ratio", **(knobs or {})}
+
+    @classmethod
+    def from_params(cls, data) -> "ExtractLimits":
+        return cls(max_bytes=int(data.extract_max_gb * (1 << 30)), max_members=data.extract_max_members,
+                   max_ratio=data.extract_max_ratio)
+
+
+class _LimitExceeded(Exception):
+    pass
+
+
+class _Budget:
+    """Running totals of one extraction; raises _LimitExceeded with the user message."""
+
+    def __init__(self, archive: Path, limits: ExtractLimits, raw):
+        self.archive, self.limits, self.raw = archive, limits, raw
+        self.members = 0
+        self.bytes = 0
+        self.compressed = archive.stat().st_size
+
+    def _stop(self, what: str, knob: str, hint: str) -> None:
+        raise _LimitExceeded(f"refused archive {self.archive}: {what} ({knob}{hint}); nothing was extracted")
+
+    def add(self, member: tarfile.TarInfo) -> None:
+        lim = self.limits
+        self.members += 1
+        if self.members > lim.max_members:
+            self._stop(f"it holds more than {lim.max_members} members", lim.knobs["members"],
+                       " raises the limit")
+        self.bytes += max(0, int(member.size)) if member.isreg() else 0
+        if self.bytes > lim.max_bytes:
+            self._stop(f"it expands to more than {lim.max_bytes / (1 << 30):.3g} GB", lim.knobs["bytes"],
+                       " raises the limit")
+        try:  # compressed bytes read so far (the raw file under the decompressor)
+            read = max(self.raw.tell(), 1)
+        except (OSError, ValueError):
+            read = self.compressed
+        ratio = self.bytes / max(read, min(self.compressed, ExtractLimits.RATIO_FLOOR), 1)
+        if ratio > lim.max_ratio:
+            self._stop(f"it expands more than {lim.max_ratio:g} times its compressed size (a "
+                       f"decompression bomb?)", lim.knobs["ratio"], " raises the limit")
+
+
 class _ThroughLinkError(tarfile.FilterError):
     def __init__(self, tarinfo, link):
         self.tarinfo = tarinfo
@@ -423,7 +483,7 @@ def _check_symlinks_inside(root: str) -> None:
                     )
 
 
-def safe_extract(archive: Path, dest_dir: Path, progress: bool = True) -> None:
+def safe_extract(archive: Path, dest_dir: Path, progress: bool = True, limits: ExtractLimits | None = None) -> None:
     """Extract the tar ``archive`` (any compression) into ``dest_dir``, all or nothing.
 
     Members are first extracted into a fresh temporary directory next to ``dest_dir`` with
@@ -432,6 +492,11 @@ def safe_extract(archive: Path, dest_dir: Path, progress: bool = True) -> None:
     are the entries moved into ``dest_dir`` (which may already exist: directories merge, files of
     the same path are replaced). On any error the temporary directory is removed, ``dest_dir`` is
     untouched and a :class:`UserError` names the archive and the offending member.
+
+    ``limits`` (default :class:`ExtractLimits`) bound the member count, the total size and the
+    expansion ratio; they are checked from each member's header before its bytes are written, so
+    a decompression bomb stops after at most one member's worth of data... which the total-size
+    limit also bounds.
     """
     archive = Path(archive)
     dest_dir = Path(dest_dir)
@@ -441,25 +506,30 @@ def safe_extract(archive: Path, dest_dir: Path, progress: bool = True) -> None:
         raise UserError(f"archive not found: {archive} (check data.source or re-run the fetch stage)")
     if dest_dir.exists() and not dest_dir.is_dir():
         raise UserError(f"cannot extract {archive}: {dest_dir} exists and is not a directory; move it away")
+    limits = limits or ExtractLimits()
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = tempfile.mkdtemp(prefix=f".{dest_dir.name}.tmp-", dir=dest_dir.parent)
     current: list[tarfile.TarInfo | None] = [None]
     try:
         try:
+            raw = open(archive, "rb")
             try:
-                tf = tarfile.open(archive, mode="r:*")
+                tf = tarfile.open(fileobj=raw, mode="r:*")
             except tarfile.ReadError:
+                raw.close()
                 raise UserError(
                     f"cannot extract {archive}: not a tar archive (plain, gz, bz2 or xz), or truncated / "
                     f"corrupt: check data.source or delete it and download it again"
                 ) from None
-            with tf:
+            budget = _Budget(archive, limits, raw)
+            with raw, tf:
                 tf.errorlevel = 1
 
                 def members():
                     for m in tf:
                         current[0] = m
+                        budget.add(m)
                         yield m
 
                 with tqdm(
@@ -472,6 +542,8 @@ def safe_extract(archive: Path, dest_dir: Path, progress: bool = True) -> None:
                     tf.extractall(tmp, members=it, filter=_StrictFilter())
                 _check_end_of_archive(tf)
             _check_symlinks_inside(tmp)
+        except _LimitExceeded as e:
+            raise UserError(str(e)) from None
         except tarfile.FilterError as e:
             raise UserError(f"refused archive {archive}: {_describe_filter_error(e)}; nothing was extracted") from None
         except (tarfile.TarError, EOFError, zlib.error, KeyError) as e:
@@ -489,7 +561,7 @@ def safe_extract(archive: Path, dest_dir: Path, progress: bool = True) -> None:
             where = f" member {current[0].name!r} of" if current[0] is not None else ""
             raise UserError(
                 f"cannot extract{where} {archive} ({_reason(e)}); nothing was extracted: "
-                f"free space or fix permissions under {dest_dir.parent}"
+                f"free space or fix permissions under {dest_dir.parent} (data.dir)"
             ) from None
         except Exception as e:  # lzma.LZMAError and friends: corrupt compressed data
             if type(e).__module__ in ("lzma", "_lzma", "bz2", "_bz2"):
@@ -502,8 +574,8 @@ def safe_extract(archive: Path, dest_dir: Path, progress: bool = True) -> None:
             _merge(tmp, str(dest_dir))
         except OSError as e:
             raise UserError(
-                f"extracted {archive} but could not move it into {dest_dir} ({_reason(e)}): "
-                f"fix permissions / free space and re-run"
+                f"extracted {archive} but could not move it into place under {dest_dir.parent} "
+                f"({_reason(e)}): fix permissions / free space and re-run (data.dir)"
             ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

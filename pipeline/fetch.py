@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import Params
-from pipeline.download import download, safe_extract
+from pipeline.datadir import clean_debris, ensure_dir, os_error, writer_lock
+from pipeline.download import ExtractLimits, download, safe_extract
 from pipeline.errors import UserError
 from pipeline.voc import RawLayout, find_voc_root
 
@@ -56,7 +57,8 @@ def _fetch_into(p: Params, new_raw: Path, progress: bool) -> RawLayout:
                                timeout=p.data.download_timeout_s, progress=progress)
         else:
             archive = Path(src).expanduser()
-        safe_extract(archive, new_raw, progress=progress)
+        limits = ExtractLimits.from_params(p.data)
+        safe_extract(archive, new_raw, progress=progress, limits=limits)
         voc_root = find_voc_root(new_raw)
         if src == "voc2012_aug":
             from pipeline.sbd import build_train_aug
@@ -64,7 +66,7 @@ def _fetch_into(p: Params, new_raw: Path, progress: bool) -> RawLayout:
             url = p.data.sbd_url
             sbd_tar = download(url, downloads / Path(url).name, md5=p.data.sbd_md5,
                                timeout=p.data.download_timeout_s, progress=progress)
-            safe_extract(sbd_tar, new_raw / "sbd", progress=progress)
+            safe_extract(sbd_tar, new_raw / "sbd", progress=progress, limits=limits)
             sbd_root = next((d for d in (new_raw / "sbd").rglob("cls") if d.is_dir()), None)
             if sbd_root is None:
                 raise UserError(f"{sbd_tar} has no SBD layout (dataset/cls/*.mat) (data.sbd_url)")
@@ -81,22 +83,36 @@ def _fetch_into(p: Params, new_raw: Path, progress: bool) -> RawLayout:
     return RawLayout(source=src, voc_root=str(voc_root), splits=splits)
 
 
+def _relabel(msg: str, new_raw: Path, label: str) -> str:
+    """Messages name what the user knows (the archive's own paths), never the staging dir."""
+    for form in (str(new_raw.resolve()), str(new_raw.absolute()), str(new_raw)):
+        msg = msg.replace(form + "/", f"{label}:").replace(form, label)
+    return msg
+
+
 def fetch(p: Params, progress: bool = True) -> RawLayout:
     data_dir = Path(p.data.dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    raw = data_dir / "raw"
-    new_raw = data_dir / ".raw-new"
-    if new_raw.exists():
-        shutil.rmtree(new_raw)
-    new_raw.mkdir()
-    try:
-        layout = _fetch_into(p, new_raw, progress)
-        _check_splits(layout.root(new_raw), layout.splits)
-        layout.save(new_raw)
-        storage.swap_in(new_raw, raw)
-    finally:
-        if new_raw.exists():
-            shutil.rmtree(new_raw)
+    ensure_dir(data_dir)
+    with writer_lock(data_dir):
+        raw = data_dir / "raw"
+        new_raw = data_dir / ".raw-new"
+        src = p.data.source
+        label = "the fetched dataset" if src in ("synthetic",) else f"{Path(src).name if Path(src).is_file() else src} (extracted)"
+        try:
+            clean_debris(data_dir)
+            new_raw.mkdir()
+            try:
+                layout = _fetch_into(p, new_raw, progress)
+                _check_splits(layout.root(new_raw), layout.splits)
+                layout.save(new_raw)
+                storage.swap_in(new_raw, raw)
+            finally:
+                if new_raw.exists():
+                    shutil.rmtree(new_raw, ignore_errors=True)
+        except UserError as exc:
+            raise type(exc)(_relabel(str(exc), new_raw, label)) from None
+        except OSError as exc:
+            raise os_error(exc, data_dir, "write the fetched dataset") from None
     return layout
 
 

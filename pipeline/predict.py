@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,10 @@ def add_arguments(parser) -> None:
                              "params.yaml's train.eval_size")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when present (default)")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="pixel budget: a larger image is shrunk to about N pixels before anything else "
+                             "(JPEGs are decoded at reduced scale) and its mask/overlay are written at that size; "
+                             "default predict.max_pixels of params.yaml (8000000: peak memory under ~2 GB)")
 
 
 # ------------------------------------------------------------------------------------- model
@@ -127,15 +132,38 @@ def expand(images: list[str]) -> list[Path]:
     return out
 
 
-def read_image(path: Path):
-    """uint8 tensor 3xHxW, or raises ValueError saying why it cannot be read."""
+def read_image(path: Path, max_pixels: int | None = None):
+    """uint8 tensor 3xHxW, or raises ValueError saying why it cannot be read. An image of more than
+    max_pixels pixels is shrunk to fit that budget (aspect kept); a JPEG is decoded at reduced
+    scale (libjpeg's DCT scaling, PIL's draft) so its full-size pixels never exist in memory.
+    Decoding is bounded: a non-JPEG above DECODE_FACTOR x max_pixels is refused as too large."""
+    import math
+    import warnings
+
     import torch
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if max_pixels and w * h > max_pixels:
+                    bound = max_pixels * (64 if im.format == "JPEG" else DECODE_FACTOR)
+                    if w * h > bound:
+                        raise _TooLarge(f"too large: {w}x{h} is over {bound} pixels to decode (--max-pixels)")
+                    s = math.sqrt(max_pixels / (w * h))
+                    target = (max(1, int(w * s)), max(1, int(h * s)))
+                    if im.format == "JPEG":
+                        im.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale, still >= target
+                    im.load()
+                    rgb_im = im.convert("RGB")
+                    if rgb_im.size != target:
+                        rgb_im = rgb_im.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
+                    rgb = np.asarray(rgb_im)
+                else:
+                    im.load()
+                    rgb = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise ValueError("no such file") from None
     except IsADirectoryError:
@@ -144,11 +172,20 @@ def read_image(path: Path):
         raise ValueError("not an image") from None
     except Image.DecompressionBombError:
         raise ValueError("too large") from None
+    except _TooLarge:
+        raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"unreadable: {str(exc)[:80]}") from None
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ValueError("empty image")
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+class _TooLarge(ValueError):
+    pass
+
+
+DECODE_FACTOR = 8  # non-JPEG images decode in full: at most this many times the pixel budget
 
 
 def _save_rgb(arr: np.ndarray, path: Path) -> None:
@@ -162,6 +199,16 @@ def _save_rgb(arr: np.ndarray, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _original_size(path: Path) -> tuple[int, int] | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # header only
+            return im.size
+    except Exception:
+        return None
+
+
 def _classes_line(mask: np.ndarray) -> str:
     ids, counts = np.unique(mask, return_counts=True)
     total = mask.size
@@ -172,7 +219,7 @@ def _classes_line(mask: np.ndarray) -> str:
 
 
 def predict(p: Params, model_spec: str, images: list[str], out: str | Path, size: int | None = None,
-            device: str = "auto", progress: bool = True) -> dict:
+            device: str = "auto", progress: bool = True, max_pixels: int | None = None) -> dict:
     """Returns {"written": [(image, mask, overlay)], "failed": [(image, why)]}; raises UserError at the
     end when some images could not be read (after the others are written)."""
     import torch
@@ -180,8 +227,15 @@ def predict(p: Params, model_spec: str, images: list[str], out: str | Path, size
     from pipeline.palette import save_mask_png
     from pipeline.reporting import overlay, predict_mask
 
+    from pipeline.config import MAX_SIDE, MAX_SIDE_REASON
+
     if size is not None and size < 16:
         raise UserError(f"size must be >= 16, got {size} (--size)")
+    if size is not None and size > MAX_SIDE:
+        raise UserError(f"size must be <= {MAX_SIDE}, got {size}: {MAX_SIDE_REASON} (--size)")
+    max_pixels = p.predict.max_pixels if max_pixels is None else max_pixels
+    if max_pixels < 4096:
+        raise UserError(f"--max-pixels must be >= 4096 (a 64x64 image), got {max_pixels} (--max-pixels)")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("no CUDA device is visible (--device)")
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -189,7 +243,7 @@ def predict(p: Params, model_spec: str, images: list[str], out: str | Path, size
     if not files:
         raise UserError(f"no image files in {', '.join(images)} (IMAGE)")
     model, run_size, desc = load_model(model_spec, p, dev)
-    size = size or run_size or p.train.eval_size
+    size = min(size or run_size or p.train.eval_size, MAX_SIDE)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -200,10 +254,14 @@ def predict(p: Params, model_spec: str, images: list[str], out: str | Path, size
     written, failed, used = [], [], set()
     for f in files:
         try:
-            image = read_image(f)
+            image = read_image(f, max_pixels)
         except ValueError as exc:
             failed.append((str(f), str(exc)))
             continue
+        shrunk = _original_size(f)
+        if shrunk and shrunk != (image.shape[2], image.shape[1]):
+            print(f"note: {f.name} is {shrunk[0]}x{shrunk[1]}, above the pixel budget {max_pixels} "
+                  f"(--max-pixels): segmented and written at {image.shape[2]}x{image.shape[1]}", file=sys.stderr)
         mask = predict_mask(model, image, size)
         stem, n = f.stem, 2
         while stem in used:
@@ -231,5 +289,6 @@ def run(_params, args) -> int:
         from pipeline.config import apply_overrides, validate
 
         p = validate(apply_overrides({}, args.overrides), "defaults with -S overrides")
-    predict(p, args.model, args.images, args.out, size=args.size, device=args.device, progress=not args.quiet)
+    predict(p, args.model, args.images, args.out, size=args.size, device=args.device, progress=not args.quiet,
+            max_pixels=args.max_pixels)
     return 0

@@ -26,7 +26,8 @@ from pipeline import storage
 from pipeline.config import Params
 from pipeline.download import sha256sum
 from pipeline.errors import UserError
-from pipeline.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, RawLayout
+from pipeline.datadir import clean_debris, os_error, writer_lock
+from pipeline.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, RawLayout, read_id_list
 
 SCHEMA = pa.schema(
     [
@@ -143,10 +144,26 @@ class ShardWriter:
 
 
 def _read_ids(path: Path) -> list[str]:
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return read_id_list(path)
 
 
 def preprocess(p: Params, progress: bool = True) -> dict:
+    """Under the data.dir writer lock (pipeline.datadir): one writer at a time, debris of an
+    interrupted run removed first; an OSError while writing is one `error:` line."""
+    data_dir = Path(p.data.dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"{data_dir} is a file, not a directory: choose another path (data.dir)")
+    if not data_dir.is_dir():
+        RawLayout.load(data_dir / "raw")  # nothing fetched: say so before creating anything
+    with writer_lock(data_dir):
+        try:
+            clean_debris(data_dir)
+            return _preprocess(p, progress)
+        except OSError as exc:
+            raise os_error(exc, data_dir, "write the shards") from None
+
+
+def _preprocess(p: Params, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     data_dir = Path(p.data.dir)
@@ -207,7 +224,7 @@ def preprocess(p: Params, progress: bool = True) -> dict:
             pool.terminate()
             pool.join()
         if new_dir.exists():
-            shutil.rmtree(new_dir)
+            shutil.rmtree(new_dir, ignore_errors=True)
     return manifest
 
 

@@ -67,8 +67,8 @@ def run(_params, args) -> int:
     p = load_params(args.params, overrides)  # bad overrides fail here, before DVC runs anything
     from pipeline.train import check_model
 
-    for fam in p.families.values():
-        check_model(fam.model, fam.options)
+    for name, fam in p.families.items():
+        check_model(fam.model, fam.options, where=f"families.{name}.model")
     dvc = Path(sys.executable).with_name("dvc")
     cmd = [str(dvc) if dvc.exists() else "dvc", "exp", "run", *dvc_set_params(overrides)]
     if args.dry_run:

@@ -140,6 +140,9 @@ def open_store(p: Params):
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}: train first "
                         "(`dvc repro` or `segpipe train --family <name>`) (mlflow.tracking_uri)")
+    from pipeline.tracking import preflight
+
+    preflight(p)  # unreachable / refused / unauthorised / read-only: one error line within seconds
     c = client(uri)
     try:
         exp = c.get_experiment_by_name(p.mlflow.experiment)

@@ -33,16 +33,14 @@ _PARALLEL_MIN = 500  # fewer conversions than this: not worth starting processes
 
 
 def read_ids(path: Path) -> list[str]:
-    """Ids of an ImageSets-style list (one id per line; blank lines ignored)."""
+    """Ids of an ImageSets-style list (one id per line; blank lines ignored), each checked
+    against the VOC id grammar (pipeline.voc.read_id_list)."""
+    from pipeline.voc import read_id_list
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"missing id list {path}: is the dataset extracted completely?")
-    ids = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            ids.append(line.split()[0])
-    return ids
+    return read_id_list(path)
 
 
 def load_sbd_mask(mat_path: Path) -> np.ndarray:

@@ -121,3 +121,130 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
 
 def end_run(uri: str, run_id: str, status: str) -> None:
     client(uri).set_terminated(run_id, status=status)
+
+
+# ----------------------------------------------------------------------------------- preflight
+_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "http_max_retries",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "http_backoff_factor",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "http_timeout_s"}
+
+
+def bounded_http_retries(p: Params) -> dict[str, str]:
+    """Export MLflow's retry settings from mlflow.http_* (an env var the user set wins). They are
+    read by MLflow at each request, here and in the Ray workers this process starts."""
+    out = {}
+    for env, key in _RETRY_ENV.items():
+        if env not in os.environ:
+            os.environ[env] = str(getattr(p.mlflow, key))
+        out[env] = os.environ[env]
+    return out
+
+
+def _store_error(uri: str, reason: str, hint: str = "") -> Exception:
+    from pipeline.errors import UserError
+
+    where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
+    return UserError(f"the MLflow tracking store {uri} {reason}{hint} ({where})")
+
+
+def _check_writable_dir(uri: str, d: Path, what: str) -> None:
+    import tempfile
+
+    if not d.exists():
+        raise _store_error(uri, f"is unusable: {what} {d} does not exist", ": create it or fix the path")
+    if not d.is_dir():
+        raise _store_error(uri, f"is unusable: {what} {d} is not a directory")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".segpipe-preflight-", dir=d)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise _store_error(uri, f"is not writable: cannot create a file in {d} ({exc.strerror or exc})",
+                           ": fix permissions / free space, or point it elsewhere") from None
+
+
+def _preflight_sqlite(uri: str, timeout: float) -> None:
+    import sqlite3
+
+    path = Path(uri[len("sqlite:///"):])
+    _check_writable_dir(uri, path.parent, "the directory")
+    if not path.exists():
+        return  # MLflow creates it on first use, in a writable directory
+    if not path.is_file():
+        raise _store_error(uri, f"is unusable: {path} is not a file")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout)
+        try:
+            con.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or file system
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise _store_error(uri, f"is not writable ({exc})", ": fix permissions or the file system, or "
+                                                            "point it elsewhere") from None
+
+
+def _preflight_http(uri: str, experiment: str, timeout: float) -> None:
+    import requests
+
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    def classify(text: str) -> Exception:
+        low = text.lower()
+        if "refused" in low:
+            return _store_error(uri, "refused the connection", ": start it (`segpipe mlflow-server`) or fix the URI")
+        if "read timed out" in low or "readtimeout" in low:
+            return _store_error(uri, f"accepted the connection but did not answer within {timeout:g} s",
+                                ": check the server")
+        if "timed out" in low or "timeout" in low:
+            return _store_error(uri, f"did not answer within {timeout:g} s", ": is the server running? fix the URI")
+        if "name or service not known" in low or "nodename nor servname" in low or "resolve" in low:
+            return _store_error(uri, "names a host that does not resolve", ": fix the URI")
+        return _store_error(uri, "is unreachable", ": start it (`segpipe mlflow-server`) or fix the URI")
+
+    try:
+        resp = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/get-by-name", "GET",
+                            max_retries=0, backoff_factor=0, backoff_jitter=0, timeout=timeout,
+                            raise_on_status=False, params={"experiment_name": experiment})
+    except requests.exceptions.RequestException as exc:
+        raise classify(f"{type(exc).__name__} {exc}") from None
+    except Exception as exc:  # MlflowException wrapping the requests error, or a bad URI
+        raise classify(f"{type(exc).__name__} {getattr(exc, 'message', exc)}") from None
+    if resp.status_code in (401, 403):
+        raise _store_error(uri, f"refused our credentials (HTTP {resp.status_code})",
+                           ": set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+    if resp.status_code == 404:
+        try:
+            code = resp.json().get("error_code")
+        except ValueError:
+            code = None
+        if code == "RESOURCE_DOES_NOT_EXIST":
+            return  # a server without our experiment yet: it is created on first use
+        raise _store_error(uri, "is not an MLflow tracking server (HTTP 404 on its REST API)")
+    if resp.status_code != 200:
+        raise _store_error(uri, f"answered HTTP {resp.status_code}", ": check the server's log")
+
+
+def preflight(p: Params, timeout: float | None = None) -> str:
+    """Check the tracking store before anything long starts (train, tune, report): reachable,
+    authorised and writable, within a few seconds, else one UserError naming mlflow.tracking_uri.
+    Also exports the bounded retry settings (bounded_http_retries). Returns the resolved URI."""
+    uri = resolve_tracking_uri(p.mlflow.tracking_uri)
+    timeout = p.mlflow.preflight_timeout_s if timeout is None else timeout
+    bounded_http_retries(p)
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri or uri.startswith("sqlite:") else ""
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+            return uri
+        _preflight_sqlite(uri, timeout)
+    elif scheme in ("http", "https"):
+        _preflight_http(uri, p.mlflow.experiment, timeout)
+    elif scheme in ("", "file"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        path = Path(url2pathname(urlparse(uri).path)) if scheme == "file" else Path(uri)
+        path = path.resolve()
+        _check_writable_dir(uri, path if path.exists() else path.parent, "the directory")
+    return uri

@@ -74,19 +74,19 @@ def resolve_job(p: Params, family: str | None) -> Job:
         options.update(p.train.model_options)
     else:
         model, options = p.train.model, dict(p.train.model_options)
-    check_model(model, options)
+    check_model(model, options, where=f"families.{family}.model" if family else "train.model")
     fam = family or family_of(model)
     return Job(family=fam, model=model, options=options, params=p, tracking_uri=resolve_tracking_uri(p.mlflow.tracking_uri))
 
 
-def check_model(model: str, options: dict) -> None:
+def check_model(model: str, options: dict, where: str = "train.model") -> None:
     """Build on the meta device: instant, and every bad name / option surfaces before Ray starts."""
     import torch
 
     from seg_models import build_model, list_models
 
     if model not in list_models():
-        raise UserError(f"unknown model {model!r}; `segpipe models` lists {', '.join(list_models())} (train.model)")
+        raise UserError(f"unknown model {model!r}; `segpipe models` lists {', '.join(list_models())} ({where})")
     try:
         with torch.device("meta"):
             build_model(model, num_classes=NUM_CLASSES, **options)
@@ -441,6 +441,11 @@ def train(p: Params, family: str | None = None, progress: bool = True) -> dict:
 
     job = resolve_job(p, family)
     check_data(p)
+    tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
+    if p.data.verify_shards:
+        from pipeline.data import verify_shards
+
+        verify_shards(p.data.dir, ("train", "val"))  # every shard against manifest.json, before Ray
     job.storage_path = storage.resolve(p.ray.storage_path)  # local/shared path or s3://, gs://
     job.ray_name = _ray_run_name(job, job.storage_path)
     if p.train.resume:

@@ -1106,6 +1106,12 @@ def run(p: Params, args) -> int:
     from pipeline.train import check_data
 
     check_data(p)
+    from pipeline import tracking
+    from pipeline.data import verify_shards
+
+    tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
+    if p.data.verify_shards:
+        verify_shards(p.data.dir, ("train", "val"))  # every shard against manifest.json, before Ray
     _check_resources(p)
     for space in spaces:
         s = tune_family(p, space)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +16,34 @@ VOC_CLASSES = (
 )
 NUM_CLASSES = len(VOC_CLASSES)
 IGNORE_INDEX = 255
+
+
+# VOC ids are 2008_000123 (SBD: the same), the synthetic scenes syn_000001: letters, digits, '_'
+# and '-' only. An id is joined into file paths, so separators, dots ('..') and anything else
+# that could leave the dataset directory are refused.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def read_id_list(path: Path) -> list[str]:
+    """The ids of an ImageSets-style list (first word of each non-blank line), each checked
+    against :data:`ID_PATTERN`; a bad one is a UserError naming the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise UserError(f"cannot read the split list {path} ({exc.strerror or exc}) (data.source)") from None
+    ids = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if not words:
+            continue
+        sid = words[0]
+        if not ID_PATTERN.fullmatch(sid):
+            shown = sid if len(sid) <= 60 else sid[:57] + "..."
+            raise UserError(f"{path} line {n}: bad image id {shown!r} (ids are letters, digits, '_' and '-', "
+                            f"like 2008_000123; no '/', '\\' or '..') (data.source)")
+        ids.append(sid)
+    return ids
 
 
 @dataclass

@@ -1,0 +1,200 @@
+"""Issue 15, item 5: the tracking store is checked before Ray starts (unreachable, refused, silent,
+unauthorised, read-only), a short server outage is survived by the bounded retries, and a full /
+read-only / not-a-directory data.dir is one error line with earlier outputs intact."""
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_user_error, run_cli, tree_snapshot
+from tests.reliability.conftest import free_port, mounted, no_debris, params
+
+
+def _train(params_file, d, uri, *extra):
+    return run_cli("train", "-q", "-p", str(params_file), "-S", f"data.dir={d}", "-S", f"mlflow.tracking_uri={uri}",
+                   "-S", f"ray.storage_path={d.parent / 'ray_results'}", "-S", "train.model=unet",
+                   "-S", "train.model_options={base_channels: 4}", *extra, timeout=120)
+
+
+def _timed(fn, *a):
+    t = time.monotonic()
+    out = fn(*a)
+    return out, time.monotonic() - t
+
+
+@pytest.mark.parametrize("which", ["port9", "closed_port"])
+def test_refused_store_fails_fast(tmp_path, params_file, sample_dir, which):
+    uri = "http://127.0.0.1:9" if which == "port9" else f"http://127.0.0.1:{free_port()}"
+    before = tree_snapshot(tmp_path)
+    proc, took = _timed(_train, params_file, sample_dir, uri)
+    assert_user_error(proc, uri, "refused the connection", "(mlflow.tracking_uri)")
+    assert took < 30  # the check itself is ~1 s; the rest is interpreter start-up on a shared CPU
+    assert tree_snapshot(tmp_path) == before and not (tmp_path / "ray_results").exists()
+
+
+def test_silent_store_times_out_within_seconds(tmp_path, params_file, sample_dir, silent_server):
+    proc, took = _timed(_train, params_file, sample_dir, silent_server, "-S", "mlflow.preflight_timeout_s=3")
+    assert_user_error(proc, silent_server, "did not answer within 3 s", "(mlflow.tracking_uri)")
+    assert took < 40
+
+
+def test_unauthorised_store(tmp_path, params_file, sample_dir, deny_server):
+    proc = _train(params_file, sample_dir, deny_server)
+    assert_user_error(proc, deny_server, "HTTP 401", "MLFLOW_TRACKING_TOKEN", "(mlflow.tracking_uri)")
+
+
+def test_env_uri_is_named_as_such(tmp_path, params_file, sample_dir):
+    env_uri = f"http://127.0.0.1:{free_port()}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    try:
+        proc = _train(params_file, sample_dir, "sqlite:///unused.db")
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.__setitem__("MLFLOW_TRACKING_URI", old)
+    assert_user_error(proc, env_uri, "(MLFLOW_TRACKING_URI)")
+
+
+@pytest.mark.parametrize("stage", ["train", "report"])
+def test_read_only_sqlite_store(tmp_path, params_file, sample_dir, stage):
+    store = tmp_path / "store"
+    store.mkdir()
+    con = sqlite3.connect(store / "mlflow.db")
+    con.execute("create table t (x)")
+    con.commit()
+    con.close()
+    before = tree_snapshot(store)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    with mounted("ro", store):
+        if stage == "train":
+            proc = _train(params_file, sample_dir, uri)
+        else:
+            proc = run_cli("report", "-q", "-p", str(params_file), "-S", f"data.dir={sample_dir}",
+                           "-S", f"mlflow.tracking_uri={uri}", "-S", f"train.reports_dir={tmp_path / 'reports'}")
+    assert_user_error(proc, uri, "not writable", "(mlflow.tracking_uri)")
+    assert tree_snapshot(store) == before
+
+
+def test_bounded_retries_survive_a_short_outage(tmp_path, params_file, monkeypatch):
+    """A real MLflow server goes away while a stage logs; it comes back ~10 s later (its own
+    start-up); MLflow's retries, bounded by mlflow.http_*, carry the request over the gap. With
+    retries off the same outage loses the request."""
+    from pipeline import tracking
+    from pipeline.errors import UserError  # noqa: F401
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
+           "--default-artifact-root", str(tmp_path / "art"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    procs = []
+
+    def start():
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+
+    def wait_up(timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop():
+        p = procs[-1]
+        os.killpg(p.pid, signal.SIGTERM)  # its own session: the server and its worker, by group id
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+    for env in tracking._RETRY_ENV:
+        monkeypatch.delenv(env, raising=False)
+    p = params(params_file, tmp_path / "D")
+    set_env = tracking.bounded_http_retries(p)
+    assert set_env == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+    try:
+        start()
+        wait_up()
+        c = tracking.client(url)
+        run_id = c.create_run(c.create_experiment("outage")).info.run_id
+        stop()
+        # without retries the outage loses the request at once
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        with pytest.raises(Exception):
+            tracking.log_metrics(url, run_id, {"m": 1.0}, step=0)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", set_env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+        restart = threading.Timer(3.0, start)
+        restart.start()
+        t = time.monotonic()
+        tracking.log_metrics(url, run_id, {"m": 2.0}, step=1)  # blocks through the outage
+        took = time.monotonic() - t
+        restart.join()
+        assert took > 3
+        assert [m.value for m in c.get_metric_history(run_id, "m")] == [2.0]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# --------------------------------------------------------------------------- data.dir failures
+
+
+def _fill(mount: Path, leave: int) -> None:
+    free = shutil.disk_usage(mount).free
+    with open(mount / "filler", "wb") as f:
+        f.write(bytes(max(0, free - leave)))
+
+
+@pytest.mark.parametrize("stage", ["fetch", "preprocess"])
+def test_full_data_dir(tmp_path, params_file, stage):
+    with mounted("tmpfs", tmp_path / "m", size="6m") as m:
+        d = m / "D"
+        p = params(params_file, d, "data.source=sample", "data.workers=1")
+        from pipeline.fetch import fetch
+        from pipeline.preprocess import preprocess
+
+        fetch(p, progress=False)
+        preprocess(p, progress=False)
+        _fill(m, 64 << 10)
+        before = tree_snapshot(d)
+        proc = run_cli(stage, "-q", "-p", str(params_file), "-S", f"data.dir={d}", "-S", "data.source=sample",
+                       "-S", "data.workers=1")
+        assert_user_error(proc, str(d), "No space left on device", "(data.dir)")
+        assert ".raw-new" not in proc.stderr and ".tmp-" not in proc.stderr
+        assert tree_snapshot(d) == before
+        no_debris(d)
+
+
+@pytest.mark.parametrize("stage", ["fetch", "preprocess"])
+def test_read_only_data_dir(tmp_path, params_file, sample_dir, stage):
+    before = tree_snapshot(sample_dir)
+    with mounted("ro", sample_dir):
+        proc = run_cli(stage, "-q", "-p", str(params_file), "-S", f"data.dir={sample_dir}", "-S", "data.source=sample")
+    assert_user_error(proc, str(sample_dir), "Read-only file system", "(data.dir)")
+    assert tree_snapshot(sample_dir) == before
+
+
+@pytest.mark.parametrize("stage", ["fetch", "preprocess"])
+def test_data_dir_is_a_file(tmp_path, params_file, stage):
+    f = tmp_path / "notadir"
+    f.write_text("keep me\n")
+    proc = run_cli(stage, "-q", "-p", str(params_file), "-S", f"data.dir={f}", "-S", "data.source=sample")
+    assert_user_error(proc, str(f), "is a file, not a directory", "(data.dir)")
+    assert f.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notadir", "params.yaml"]
