@@ -17,7 +17,7 @@ from torchvision import models as tvm
 from torchvision.models import segmentation as tvs
 
 import seg_models
-from seg_models import BACKBONE_WEIGHTS, build_model, list_models, model_info
+from seg_models import BACKBONE_WEIGHTS, build_model, effective_atrous_rates, list_models, model_info
 from seg_models.upsample import UnpoolStage, Upsample, bilinear_kernel, max_pool
 
 NAMES = ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50",
@@ -260,6 +260,33 @@ def test_atrous_rates_and_output_stride():
     x = torch.zeros(1, 3, 64, 64, device="meta")
     assert os16.backbone(x)["out"].shape[-2:] == (4, 4)
     assert _meta("deeplabv3_resnet50").backbone(x)["out"].shape[-2:] == (8, 8)
+
+
+def test_atrous_rates_at_output_stride_16_are_doubled_at_8():
+    """atrous_rates_at=16: rates at output stride 16 (paper), doubled at 8: one field of view at both strides."""
+    import yaml
+
+    for stride, want in ((8, [12, 24, 36]), (16, [6, 12, 18])):
+        model = _meta("deeplabv3_resnet50", atrous_rates=[6, 12, 18], atrous_rates_at=16, output_stride=stride)
+        assert _aspp_dilations(model) == want
+        assert effective_atrous_rates("deeplabv3_resnet50", atrous_rates=[6, 12, 18], atrous_rates_at=16,
+                                      output_stride=stride) == tuple(want)
+    assert _aspp_dilations(_meta("deeplabv3_resnet50", atrous_rates=[3, 6, 9], output_stride=8)) == [3, 6, 9]  # as given
+    assert effective_atrous_rates("deeplabv3_resnet50", aspp="cascade", output_stride=16) is None
+    assert effective_atrous_rates("deeplabv3_mobilenet_v3_large", atrous_rates=[3, 6, 9], atrous_rates_at=16) == (3, 6, 9)
+    assert effective_atrous_rates("fcn8s_vgg16") is None
+    # the committed family: torchvision's (12, 24, 36) at OS 8, and (6, 12, 18) once output_stride is overridden to 16
+    options = yaml.safe_load((pathlib.Path(__file__).parents[1] / "params.yaml").read_text())["families"]["deeplabv3"]["options"]
+    options = {k: v for k, v in options.items() if k != "backbone_weights"}
+    assert effective_atrous_rates("deeplabv3_resnet50", **options) == (12, 24, 36)
+    assert _aspp_dilations(_meta("deeplabv3_resnet50", **{**options, "output_stride": 16})) == [6, 12, 18]
+    # ... and it is torchvision's deeplabv3_resnet50: same state dict, same outputs
+    ref = tvs.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True).eval()
+    ours = build_model("deeplabv3_resnet50", num_classes=21, **options).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 49, 57)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)["out"], ref(x)["out"], atol=1e-5, rtol=0)
 
 
 def test_cascade_blocks_use_multi_grid_rates():

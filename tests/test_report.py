@@ -392,3 +392,20 @@ def test_report_averages_only_seeds_of_one_setting(tmp_path, params_file):
     chosen, left = select_runs(c, experiment_id(c, "segpipe"), p)
     assert {s: chosen[("lraspp", s)].info.run_id for s in (0, 1, 2)} == tuned
     assert sum("train.lr=0.01 (averaged: 0.05)" in line for line in left) == 4  # 3 untuned + the wide one
+
+
+def test_runs_log_the_effective_atrous_rates(tmp_path, params_file):
+    """ASPP rates are given at output stride 16 (atrous_rates_at: 16); each run logs the dilations it used."""
+    from pipeline.config import load_params
+    from pipeline.tracking import client, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    got = {}
+    for stride in (8, 16):
+        p = load_params(params_file, [f"mlflow.tracking_uri={uri}"])
+        options = {**{k: v for k, v in p.families["deeplabv3"].options.items() if k != "backbone_weights"},
+                   "output_stride": stride}
+        run_id = start_run(uri, p, family="deeplabv3", model="deeplabv3_resnet50", options=options, stage="train")
+        params = client(uri).get_run(run_id).data.params
+        got[stride] = (params["model_options.atrous_rates"], params["model_effective.atrous_rates"])
+    assert got == {8: ("[6, 12, 18]", "[12, 24, 36]"), 16: ("[6, 12, 18]", "[6, 12, 18]")}
