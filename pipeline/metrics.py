@@ -2,7 +2,9 @@
 
 Accumulate `confusion_matrix` per worker, all-reduce (sum) the matrices, then call `scores`:
 ratios are only ever taken on the summed matrix, so N workers give exactly the numbers one
-process gives on the same data. Void (255) pixels are ignored.
+process gives on the same data. Void (255) pixels are ignored, and so is every other label outside
+0..num_classes-1 (torchvision's ``(t >= 0) & (t < n)`` mask): a stray label is dropped, not counted
+as some other class and not a bincount crash.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from pipeline.voc import IGNORE_INDEX, VOC_CLASSES
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """cm[t, p] = number of pixels of true class t predicted as p (int64, num_classes²)."""
-    keep = target != ignore_index
-    t = target[keep].long()
+    """cm[t, p] = number of pixels of true class t predicted as p (int64, num_classes²).
+
+    Pixels whose label is ``ignore_index`` or outside ``0..num_classes-1`` are dropped."""
+    t = target.long()
+    keep = (t != ignore_index) & (t >= 0) & (t < num_classes)
+    t = t[keep]
     p = pred[keep].long()
     idx = t * num_classes + p
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes).cpu()

@@ -2,7 +2,8 @@
 
 Runs come from MLflow, not from local files: for every family of params.yaml and every seed of
 `seeds`, the latest FINISHED run tagged stage=train with the family's configured model (and the
-current data source). From each run: final val metrics, per-class IoU, the val mIoU history, the
+current data source), like with like: the seeds averaged for a family share every training setting
+but the seed (`select_runs`); runs of another setting are listed as left out with the keys that differ. From each run: final val metrics, per-class IoU, the val mIoU history, the
 confusion matrix artifact, training time (run start to end) and throughput. The report then loads
 each family's best logged model to measure what the runs do not hold: parameters, GFLOPs and
 latency (batch 1, eval size, on the local device), and the predictions of the qualitative grid.
@@ -165,12 +166,46 @@ def search_all(c, experiment_id: str, filter_string: str) -> list:
             return out
 
 
+# params that are bookkeeping for a train run (where files go, how fast data loads, what `segpipe tune`
+# would search): never part of the setting that decides whether two seeds are the same experiment
+_NOT_TRAINING = _NOT_A_SETTING + ("tune.", "hp.", "train.model", "train.loader_workers", "train.max_failures",
+                                  "train.sample_images", "train.eval_every", "data.voc_", "data.sbd_",
+                                  "data.download_timeout_s", "data.workers", "data.row_group_rows",
+                                  "data.shard_max_mb", "ray.cpus_per_worker")
+
+
+def run_setting(params: dict, tags: dict) -> dict[str, str]:
+    """What makes a train run the experiment it is, all but the seed: model and its options, the
+    schedule and optimiser, data split and augmentation, global batch (workers x per-worker batch,
+    also listed as ``global_batch``) and the profile (tag) it was trained under."""
+    setting = {k: v for k, v in params.items() if not k.startswith(_NOT_TRAINING) or k == "train.model_options"}
+    setting.pop("train.model_options", None)  # the run's model_options.* hold the options it really used
+    try:
+        setting["global_batch"] = str(int(params["ray.num_workers"]) * int(params["train.batch_size"]))
+    except (KeyError, ValueError):
+        pass
+    setting["profile"] = tags.get("profile", "")
+    return setting
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    """Keys whose value differs between two settings, as ``key=value (averaged: value)``."""
+    return [f"{k}={a.get(k, '–')} (averaged: {b.get(k, '–')})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def select_runs(c, experiment_id: str, p: Params) -> tuple[dict[tuple[str, int], object], list[str]]:
-    """Latest FINISHED train run per (family, seed) whose model is the family's configured one and
-    whose data source is the current one. Returns those and why the other runs were left out."""
+    """The train runs the report averages, per family one per seed, and why the others were left out.
+
+    Candidates: FINISHED train runs whose model is the family's configured one, whose seed is in
+    ``seeds`` and whose data source is the current one. Like with like: the seeds averaged for a family
+    share every training setting but the seed (``run_setting``). Candidates are grouped by setting
+    (the newest run per seed in each group); the group with the most seeds wins (ties: the one with
+    the newest run). Every run of another setting is left out, named with the keys that differ from
+    the averaged setting, never averaged."""
     runs = search_all(c, experiment_id, "tags.stage = 'train' and attributes.status = 'FINISHED'")
-    chosen: dict[tuple[str, int], object] = {}
     left: dict[str, int] = {}
+    differing: list[str] = []
+    by_family: dict[str, list] = {}
 
     def leave(why: str) -> None:
         left[why] = left.get(why, 0) + 1
@@ -191,11 +226,34 @@ def select_runs(c, experiment_id: str, p: Params) -> tuple[dict[tuple[str, int],
             leave("seed not in params.yaml seeds")
         elif t.get("data_source") != str(p.data.source):
             leave("another data.source")
-        elif (fam, seed) in chosen:
-            leave("older run of the same family and seed")
         else:
+            by_family.setdefault(fam, []).append((seed, r))
+
+    chosen: dict[tuple[str, int], object] = {}
+    for fam, cands in by_family.items():
+        groups: dict[tuple, dict[int, object]] = {}  # setting -> seed -> newest run
+        settings: dict[tuple, dict] = {}
+        order: dict[tuple, int] = {}  # setting -> position of its newest run (0 = newest overall)
+        for i, (seed, r) in enumerate(cands):
+            setting = run_setting(dict(r.data.params), dict(r.data.tags))
+            key = tuple(sorted(setting.items()))
+            settings[key] = setting
+            order.setdefault(key, i)
+            seeds = groups.setdefault(key, {})
+            if seed in seeds:
+                leave("older run of the same family, seed and setting")
+            else:
+                seeds[seed] = r
+        best = min(groups, key=lambda k: (-len(groups[k]), order[k]))
+        for seed, r in groups[best].items():
             chosen[(fam, seed)] = r
-    return chosen, [f"{n} × {why}" for why, n in left.items()]
+        for key, seeds in groups.items():
+            if key == best:
+                continue
+            for seed, r in sorted(seeds.items()):
+                differing.append(f"{fam} seed {seed} (run {r.info.run_id[:8]}): another setting than the "
+                                 f"{len(groups[best])} averaged seed(s): {', '.join(_diff(settings[key], settings[best]))}")
+    return chosen, [f"{n} × {why}" for why, n in left.items()] + differing
 
 
 def logged_models(c, experiment_id: str) -> dict[str, str]:
@@ -792,8 +850,10 @@ def to_markdown(p, uri, exp, groups, s, figs, trials) -> str:
     L += [f"- **Seeds**: {', '.join(map(str, p.seeds))} (`seeds` in params.yaml; DVC's train matrix runs every "
           "family × seed). Runs per family: " + ", ".join(f"{g.family} {len(g.runs)}" for g in groups) + "."]
     L += [f"- **Runs**: for each family and seed, the latest FINISHED MLflow run tagged `stage=train` with the "
-          "family's configured model and the current data source."
-          + (f" Left out: {'; '.join(s['left_out_runs'])}." if s["left_out_runs"] else "")]
+          "family's configured model and the current data source; the seeds averaged for a family share every "
+          "training setting but the seed (model options, global batch, schedule, data split, profile)."
+          + (" Left out (never averaged):" if s["left_out_runs"] else "")]
+    L += [f"  - {why}" for why in s["left_out_runs"]]
     commits = sorted({r.tags.get("git_commit", "unknown") for g in groups for r in g.runs})
     L += [f"- **Code**: git commit{'s' * (len(commits) > 1)} {', '.join(f'`{c}`' for c in commits)}."]
     L += ["- **Shared settings**: " + ", ".join(f"`{k}={v}`" for k, v in s["shared_params"].items()) + "."]

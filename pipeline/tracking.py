@@ -100,6 +100,14 @@ def start_run(uri: str, p: Params, *, family: str, model: str, options: dict, st
     flat = flatten(p.model_dump(mode="json"))
     flat.update({f"model_options.{k}": v for k, v in flatten(options).items()})
     flat["model"] = model
+    try:  # the ASPP dilations the model really uses (atrous_rates_at scales the rates with the output stride)
+        from seg_models import effective_atrous_rates
+
+        rates = effective_atrous_rates(model, **options)
+    except ValueError:
+        rates = None
+    if rates is not None:
+        flat["model_effective.atrous_rates"] = list(rates)
     params = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
     for i in range(0, len(params), 100):
         c.log_batch(run.info.run_id, params=params[i:i + 100])

@@ -4,8 +4,11 @@
 3x3 atrous convs (``atrous_rates``) and image pooling (global pool, 1x1 conv, bilinear back), BN + ReLU in
 every branch, concatenated and projected to 256 channels. ResNet's ``output_stride`` is 8 (torchvision's
 default; block3 and block4 dilated) or 16 (block4 dilated). The default rates follow the paper: (6, 12, 18)
-at output stride 16 and, doubled, (12, 24, 36) at 8; rates given explicitly are used as given.
-MobileNetV3 (output stride 16) keeps torchvision's (12, 24, 36).
+at output stride 16 and, doubled, (12, 24, 36) at 8. Rates given explicitly are used as given (the
+dilations, torchvision's meaning) unless ``atrous_rates_at=16``: then they are rates at output stride 16
+(the paper's convention) and scaled by 16 / output_stride, doubled at 8, so one value means one field of
+view at both strides ((6, 12, 18) at 16 = (12, 24, 36) at 8 = torchvision's model). ``effective_rates``
+gives the dilations a model uses. MobileNetV3 (output stride 16) keeps torchvision's (12, 24, 36).
 
 ``aspp="cascade"`` is the paper's other variant (sec. 3.2): three more copies of block4 (block5-7, three
 bottlenecks each) are cascaded after block4, each at twice the previous atrous rate instead of a stride,
@@ -99,9 +102,25 @@ class CascadeHead(nn.Sequential):
         init_conv(self)
 
 
+def effective_rates(output_stride: int = 16, atrous_rates: Optional[Sequence[int]] = None,
+                    atrous_rates_at: Optional[int] = None, aspp: str = "parallel",
+                    default: Optional[Sequence[int]] = None) -> Optional[tuple[int, ...]]:
+    """The ASPP dilations a model uses: ``atrous_rates`` as given, or scaled from output stride
+    ``atrous_rates_at`` to ``output_stride``; ``default`` (else the paper's for the stride) when
+    none are given; None for the cascade head (no ASPP)."""
+    if aspp == "cascade":
+        return None
+    if atrous_rates is None:
+        return tuple(default or PAPER_RATES[output_stride])
+    if atrous_rates_at is None:
+        return tuple(atrous_rates)
+    scale = atrous_rates_at / output_stride
+    return tuple(max(1, round(r * scale)) for r in atrous_rates)
+
+
 def deeplabv3_resnet(num_classes: int, arch: str, aux_loss: bool = False, output_stride: int = 8,
                      atrous_rates: Optional[Sequence[int]] = None, aspp: str = "parallel",
-                     multi_grid: Optional[Sequence[int]] = None,
+                     multi_grid: Optional[Sequence[int]] = None, atrous_rates_at: Optional[int] = None,
                      backbone_weights: Optional[str] = None) -> SegmentationModel:
     """torchvision's ``deeplabv3_resnet50/101`` with the defaults; see the module doc for the options."""
     if aspp == "cascade" and atrous_rates is not None:
@@ -115,17 +134,19 @@ def deeplabv3_resnet(num_classes: int, arch: str, aux_loss: bool = False, output
     if aspp == "cascade":
         classifier = CascadeHead(2048, num_classes, rate, multi_grid)
     else:
-        classifier = DeepLabHead(2048, num_classes, atrous_rates or PAPER_RATES[output_stride])
+        classifier = DeepLabHead(2048, num_classes, effective_rates(output_stride, atrous_rates, atrous_rates_at))
     return_layers = {"layer4": "out", **({"layer3": "aux"} if aux_loss else {})}
     return SegmentationModel(IntermediateLayerGetter(backbone, return_layers), classifier,
                              FCNHead(1024, num_classes) if aux_loss else None)
 
 
 def deeplabv3_mobilenet(num_classes: int, aux_loss: bool = False, atrous_rates: Optional[Sequence[int]] = None,
+                        atrous_rates_at: Optional[int] = None,
                         backbone_weights: Optional[str] = None) -> SegmentationModel:
     """torchvision's ``deeplabv3_mobilenet_v3_large`` (output stride 16, ASPP on the last block)."""
     features, aux_pos, out_pos = mobilenet_v3_large(backbone_weights)
     return_layers = {str(out_pos): "out", **({str(aux_pos): "aux"} if aux_loss else {})}
     return SegmentationModel(IntermediateLayerGetter(features, return_layers),
-                             DeepLabHead(features[out_pos].out_channels, num_classes, atrous_rates or (12, 24, 36)),
+                             DeepLabHead(features[out_pos].out_channels, num_classes,
+                                         effective_rates(16, atrous_rates, atrous_rates_at, default=(12, 24, 36))),
                              FCNHead(features[aux_pos].out_channels, num_classes) if aux_loss else None)

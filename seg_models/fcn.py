@@ -7,6 +7,14 @@ zero-padded at the bottom/right to a multiple of 32 and fc6 uses padding 3: ever
 aligned with its pool (which unpooling needs) and the output is cropped back to the input size, so any
 input size works. ``upsample`` picks bilinear / transposed (bilinear-initialised, learnable) / unpool
 for every upsampling step.
+
+``unpool`` cannot work on score maps (a 21-channel map has no pooling indices of its own, and an
+unpooled map is zero at 3 of 4 positions, which nothing would fill in), so it is a feature decoder
+(SegNet / DeconvNet style): fc7 is projected (1x1 conv-BN-ReLU) to pool5's channels, then for each of
+the five pools, deepest first, every channel is unpooled with its own indices and a 3x3 conv-BN-ReLU
+densifies it and maps it to the next shallower pool's channels. FCN-16s / 8s keep the paper's skips in
+feature space: a zero-initialised 1x1 conv of pool4 (and pool3) is added after the step that reaches
+its resolution. A 1x1 conv predicts the class scores at full resolution, after the densifying convs.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from torch import Tensor, nn
 
 from ._utils import SegmentationModel, fit, pad_to_multiple
 from .backbones import IntermediateLayerGetter, resnet, vgg16
-from .upsample import Upsample, spatial_indices
+from .upsample import UnpoolStage, Upsample, conv_bn_relu
 
 _SKIPS = {32: (), 16: ("pool4",), 8: ("pool4", "pool3")}
 
@@ -46,6 +54,9 @@ class FCNVGG(nn.Module):
         self.upsample = upsample
         self.backbone = vgg16(backbone_weights, width=width, batch_norm=batch_norm)
         channels = self.backbone.channels
+        if upsample == "unpool":
+            self.decoder = UnpoolDecoder(channels, num_classes, self.skips)
+            return
         self.score_fr = nn.Conv2d(channels["fc7"], num_classes, 1)
         self.score_pool = nn.ModuleDict({p: nn.Conv2d(channels[p], num_classes, 1) for p in self.skips})
         for conv in self.score_pool.values():
@@ -59,8 +70,8 @@ class FCNVGG(nn.Module):
         x = pad_to_multiple(x, 32)
         features = self.backbone(x)
         pools = features["pools"]
-        if self.upsample == "unpool":  # score maps have num_classes channels: share one index per position
-            pools = [spatial_indices(features[f"pool{i + 1}"], p) for i, p in enumerate(pools)]
+        if self.upsample == "unpool":
+            return {"out": fit(self.decoder(features), size)}
         score, level = self.score_fr(features["fc7"]), 5  # level: how many pools `score` sits below
         for name in self.skips:
             skip = self.score_pool[name](features[name])
@@ -68,6 +79,31 @@ class FCNVGG(nn.Module):
             score, level = up + skip, level - 1  # (Upsample crops to the skip's size) + element-wise add
         out = self.upscore(score, x.shape[-2:], pools[:level][::-1])
         return {"out": fit(out, size)}
+
+
+class UnpoolDecoder(nn.Module):
+    """FCN-Ns with ``upsample: unpool``: the feature decoder of the module docstring."""
+
+    def __init__(self, channels: dict[str, int], num_classes: int, skips: tuple[str, ...]) -> None:
+        super().__init__()
+        c = [channels[f"pool{i}"] for i in range(1, 6)]  # channels of pool1 .. pool5
+        self.project = conv_bn_relu(channels["fc7"], c[4], 1)
+        # stage for pool L (5..1): unpool c[L-1] channels to pool L's input size, conv to pool L-1's channels
+        self.stages = nn.ModuleList(UnpoolStage(c[level - 1], c[max(level - 2, 0)]) for level in range(5, 0, -1))
+        self.skip = nn.ModuleDict({p: nn.Conv2d(channels[p], channels[p], 1) for p in skips})
+        for conv in self.skip.values():
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.score = nn.Conv2d(c[0], num_classes, 1)
+
+    def forward(self, features: dict) -> Tensor:
+        x = self.project(features["fc7"])
+        for level, stage in zip(range(5, 0, -1), self.stages):
+            x = stage(x, features["pools"][level - 1])
+            name = f"pool{level - 1}"  # x now has pool(L-1)'s resolution and channels
+            if name in self.skip:
+                x = x + self.skip[name](features[name])
+        return self.score(x)
 
 
 def fcn_resnet(num_classes: int, arch: str, aux_loss: bool = False, output_stride: int = 8,

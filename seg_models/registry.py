@@ -29,6 +29,7 @@ RATES = Option(None, "three positive ints; default (12, 24, 36) at output_stride
 MULTI_GRID = Option(None, "three positive ints: block4 unit rates = rate * multi_grid; default torchvision's "
                           "block4 for aspp=parallel, (1, 2, 4) for aspp=cascade", three_positive_ints)
 ASPP = Option.choice("parallel", ("parallel", "cascade"))
+RATES_AT = Option.choice(None, (None, 16))  # 16: atrous_rates are at output stride 16 (paper), scaled to the model's
 
 
 def _fcn_vgg(stride: int) -> Entry:
@@ -44,7 +45,7 @@ def _resnet(builder: Callable, family: str, arch: str, **extra: Option) -> Entry
                  {"aux_loss": AUX, "output_stride": OUTPUT_STRIDE, **extra, "backbone_weights": WEIGHTS})
 
 
-_DEEPLAB = {"atrous_rates": RATES, "aspp": ASPP, "multi_grid": MULTI_GRID}
+_DEEPLAB = {"atrous_rates": RATES, "aspp": ASPP, "multi_grid": MULTI_GRID, "atrous_rates_at": RATES_AT}
 
 MODELS: dict[str, Entry] = {
     "fcn32s_vgg16": _fcn_vgg(32),
@@ -57,7 +58,7 @@ MODELS: dict[str, Entry] = {
     "deeplabv3_mobilenet_v3_large": Entry(
         "deeplabv3", "mobilenet_v3_large", deeplabv3.deeplabv3_mobilenet,
         {"aux_loss": AUX, "atrous_rates": Option((12, 24, 36), "three positive ints", three_positive_ints),
-         "backbone_weights": WEIGHTS}),
+         "atrous_rates_at": RATES_AT, "backbone_weights": WEIGHTS}),
     "lraspp_mobilenet_v3_large": Entry("lraspp", "mobilenet_v3_large", lraspp.lraspp_mobilenet,
                                        {"backbone_weights": WEIGHTS}),
     "unet": Entry("unet", None, unet.UNet, {
@@ -87,6 +88,19 @@ def model_info(name: str) -> dict[str, Any]:
     return {"family": entry.family, "backbone": entry.backbone,
             "options": {k: o.allowed for k, o in entry.options.items()},
             "defaults": {k: o.default for k, o in entry.options.items()}}
+
+
+def effective_atrous_rates(name: str, **options: Any) -> Optional[tuple[int, ...]]:
+    """The ASPP dilations ``build_model(name, **options)`` uses (None: no ASPP); options as given to it."""
+    entry = _entry(name)
+    if "atrous_rates" not in entry.options:
+        return None
+    kw = {k: entry.options[k].parse(k, options[k]) for k in ("atrous_rates", "atrous_rates_at", "output_stride", "aspp")
+          if k in options and k in entry.options}
+    fixed_stride = "output_stride" not in entry.options  # MobileNetV3: stride 16, torchvision's rates by default
+    return deeplabv3.effective_rates(kw.get("output_stride", 16 if fixed_stride else entry.options["output_stride"].default),
+                                     kw.get("atrous_rates"), kw.get("atrous_rates_at"), kw.get("aspp", "parallel"),
+                                     (12, 24, 36) if fixed_stride else None)
 
 
 def build_model(name: str, num_classes: int = 21, **options: Any) -> nn.Module:

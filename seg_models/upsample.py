@@ -9,8 +9,10 @@
   ``F.interpolate(scale_factor=scale, align_corners=False)`` exactly, except on the outer ``scale // 2``
   rows/columns, where interpolate clamps to the border and the convolution sees zeros.
 - ``unpool``: ``F.max_unpool2d`` with the indices of the pool(s) being undone, zeros elsewhere; a
-  ``scale`` of ``2**k`` undoes ``k`` pools. Indices with one channel (see ``spatial_indices``) are
-  shared by every channel, so score maps with fewer channels than the pooled features can be unpooled.
+  ``scale`` of ``2**k`` undoes ``k`` pools. Every channel is unpooled with its own indices (SegNet /
+  DeconvNet), so the map being unpooled has the pooled features' channel count. Unpooling alone leaves
+  3 of every 4 positions zero: a model puts learnable convolutions after it (``UnpoolStage``) and
+  predicts class scores only after them (see fcn.py and unet.py).
 """
 
 from __future__ import annotations
@@ -40,9 +42,24 @@ def max_pool(x: Tensor) -> tuple[Tensor, Pool]:
     return x, Pool(indices, size)
 
 
-def spatial_indices(pooled: Tensor, pool: Pool) -> Pool:
-    """One index per pooled position: the one chosen by the channel with the largest pooled value."""
-    return Pool(pool.indices.gather(1, pooled.argmax(1, keepdim=True)), pool.size)
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class UnpoolStage(nn.Module):
+    """One decoder step of SegNet / DeconvNet: max-unpool every channel with its own pooling indices
+    (the map has the pooled features' channel count), then a learnable 3x3 conv-BN-ReLU that densifies
+    the sparse map (3 of 4 positions are zero after unpooling) and maps it to ``out_channels``."""
+
+    def __init__(self, channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.up = Upsample("unpool", channels, 2)
+        self.conv = conv_bn_relu(channels, out_channels)
+
+    def forward(self, x: Tensor, pool: Pool) -> Tensor:
+        return self.conv(self.up(x, pool.size, [pool]))
 
 
 def bilinear_kernel(channels: int, scale: int) -> Tensor:
@@ -78,8 +95,10 @@ class Upsample(nn.Module):
         if 2 ** len(pools) != self.scale:
             raise ValueError(f"unpool by {self.scale} needs {self.scale.bit_length() - 1} pools, got {len(pools)}")
         for pool in pools:
-            indices = pool.indices.expand(-1, x.shape[1], -1, -1) if pool.indices.shape[1] == 1 else pool.indices
-            x = F.max_unpool2d(x, indices, 2, output_size=pool.size)
+            if pool.indices.shape[1] != x.shape[1]:
+                raise ValueError(f"unpool: {x.shape[1]} channels to unpool, the pool's indices have "
+                                 f"{pool.indices.shape[1]} (each channel is unpooled with its own indices)")
+            x = F.max_unpool2d(x, pool.indices, 2, output_size=pool.size)
         return fit(x, size)
 
     def extra_repr(self) -> str:

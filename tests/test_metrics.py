@@ -60,6 +60,23 @@ def test_void_is_ignored_and_sum_of_parts_is_the_whole():
     assert torch.equal(halves, cm)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int16])
+def test_labels_outside_the_classes_are_dropped_like_void(dtype):
+    """torchvision's mask (t >= 0) & (t < n): labels 21..254 and negative ones are dropped, not counted
+    as another class (t * n + p would land in another row) and not a bincount crash."""
+    t = torch.tensor([[0, 1, 21], [-1, 254, 20], [255, 2, 300]], dtype=dtype)
+    p = torch.tensor([[0, 1, 5], [0, 1, 20], [3, 2, 0]])
+    cm = confusion_matrix(p, t, 21)
+    assert cm.shape == (21, 21) and cm.sum() == 4
+    assert cm[0, 0] == cm[1, 1] == cm[20, 20] == cm[2, 2] == 1
+    assert torch.equal(cm, confusion_matrix(p[[0, 1, 2]][:, :2], t[:, :2], 21) + confusion_matrix(p[1:2, 2:], t[1:2, 2:], 21))
+    got = scores(cm)
+    assert got["pixel_acc"] == 1.0 and got["mIoU"] == 1.0
+    # uint8 masks (what the loader hands over): 21..254 dropped too
+    u = torch.tensor([0, 7, 30, 200, 255], dtype=torch.uint8)
+    assert confusion_matrix(torch.tensor([0, 7, 0, 0, 0]), u, 21).sum() == 2
+
+
 @pytest.mark.slow
 def test_two_ray_workers_equal_one_process(ray_local, synthetic_shards):
     """Evaluation split over 2 Ray Train workers (disjoint rows, matrices all-reduced) gives

@@ -17,8 +17,8 @@ from torchvision import models as tvm
 from torchvision.models import segmentation as tvs
 
 import seg_models
-from seg_models import BACKBONE_WEIGHTS, build_model, list_models, model_info
-from seg_models.upsample import Upsample, bilinear_kernel, max_pool, spatial_indices
+from seg_models import BACKBONE_WEIGHTS, build_model, effective_atrous_rates, list_models, model_info
+from seg_models.upsample import UnpoolStage, Upsample, bilinear_kernel, max_pool
 
 NAMES = ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50",
          "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "unet", "unet_resnet50"]
@@ -159,21 +159,89 @@ def test_unpool_puts_values_only_at_pooled_positions(hw):
     assert torch.equal(F.avg_pool2d(windows, 2) * 4, torch.ones_like(pooled))
     assert not nonzero[..., hw[0] // 2 * 2:, :].any()  # a row the pool dropped stays zero
 
-    # score maps with other channel counts share one index per window (the strongest channel's)
-    shared = spatial_indices(pooled, pool)
-    assert shared.indices.shape == (2, 1, hw[0] // 2, hw[1] // 2)
-    scores = torch.rand(2, 3, hw[0] // 2, hw[1] // 2) + 1
-    y = Upsample("unpool", 3, 2)(scores, hw, [shared])
-    assert torch.equal((y != 0).sum(1), (y[:, :1] != 0).sum(1) * 3)  # same positions in every channel
-    assert torch.equal(y.flatten(2).gather(2, shared.indices.flatten(2).expand(-1, 3, -1)), scores.flatten(2))
+    # every channel has its own indices: a map with another channel count cannot be unpooled
+    with pytest.raises(ValueError, match="its own indices"):
+        Upsample("unpool", 3, 2)(torch.randn(2, 3, hw[0] // 2, hw[1] // 2), hw, [pool])
 
 
-def test_fcn32s_unpool_output_has_one_value_per_32x32_window():
-    model = build_model("fcn32s_vgg16", num_classes=3, upsample="unpool").eval()
+def _unpool_calls(model: nn.Module) -> list:
+    """(input map, pool, output) of every unpool step of ``model``'s forward, via forward hooks."""
+    calls = []
+    for m in model.modules():
+        if isinstance(m, Upsample) and m.method == "unpool":
+            m.register_forward_hook(lambda mod, args, out: calls.append((args[0], args[2][0], out)))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "unet"])
+def test_unpool_decoder_uses_each_channels_indices_then_convs(name):
+    options = {"width": 0.125, "batch_norm": True} if name.startswith("fcn") else {"base_channels": 4}
+    model = build_model(name, num_classes=3, upsample="unpool", **options).eval()
+    calls = _unpool_calls(model)
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 64, 96))["out"]
-    per_window = F.avg_pool2d((out != 0).float(), 32) * 32 * 32
-    assert torch.equal(per_window, torch.ones_like(per_window))
+        out = model(torch.randn(2, 3, *ODD))["out"]
+    assert len(calls) == (5 if name.startswith("fcn") else 4)  # one unpool per encoder pool
+    for x, pool, y in calls:
+        assert pool.indices.shape == x.shape  # one index per channel and position
+        flat = torch.zeros_like(y).flatten(2).scatter_(2, pool.indices.flatten(2), x.flatten(2).abs() + 1)
+        assert torch.equal(y != 0, (flat != 0).view_as(y) & (y != 0))  # values only at each channel's own argmax
+        positions = (y != 0)[0]
+        assert not all(torch.equal(positions[0], positions[c]) for c in range(1, positions.shape[0]))  # not shared
+    # scores come after learnable densifying convs: no pixel is left with all-zero logits
+    assert (out.abs().sum(1) > 0).all()
+    if name.startswith("fcn"):
+        stages = [m for m in model.modules() if isinstance(m, UnpoolStage)]
+        assert len(stages) == 5
+        assert all(isinstance(s.conv[0], nn.Conv2d) and isinstance(s.conv[1], nn.BatchNorm2d) for s in stages)
+        assert [len(_meta(f"fcn{s}s_vgg16", upsample="unpool").decoder.skip) for s in (32, 16, 8)] == [0, 1, 2]
+
+
+def _toy_scenes(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images with a bright square (class 1) and a dark disc (class 2) on noise; masks to match."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=g) * 0.3 + 0.35
+    masks = torch.zeros(n, size, size, dtype=torch.long)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n):
+        r, c, s = (int(v) for v in torch.randint(0, size - 12, (3,), generator=g))
+        s = 8 + s % 6
+        masks[i, r:r + s, c:c + s] = 1
+        images[i, :, r:r + s, c:c + s] = torch.tensor([0.95, 0.2, 0.2])[:, None, None]
+        cy, cx = (int(v) for v in torch.randint(6, size - 6, (2,), generator=g))
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 25
+        masks[i][disc] = 2
+        images[i][:, disc] = torch.tensor([0.05, 0.05, 0.6])[:, None]
+    return (images - 0.5) / 0.25, masks
+
+
+def _train_miou(upsample: str, steps: int = 120) -> tuple[float, float, float]:
+    torch.manual_seed(0)
+    x, y = _toy_scenes(24)
+    vx, vy = _toy_scenes(8, seed=1)
+    model = build_model("fcn8s_vgg16", num_classes=3, upsample=upsample, width=0.125, batch_norm=True)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        idx = torch.arange(8) + (step * 8) % 24
+        loss = F.cross_entropy(model(x[idx])["out"], y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        pred = model.eval()(vx)["out"].argmax(1)
+    cm = torch.bincount(vy.flatten() * 3 + pred.flatten(), minlength=9).reshape(3, 3).double()
+    iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag()).clamp(min=1)
+    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5, float(iou.mean())
+
+
+def test_fcn_unpool_learns_like_bilinear_on_toy_scenes():
+    """The unpool decoder learns: its loss falls well below ln 3 and it segments held-out toy scenes
+    (the old score-map unpooling left 63/64 of the pixels at uniform logits, loss stuck near ln 3)."""
+    first, last, miou = _train_miou("unpool")
+    _, _, bilinear = _train_miou("bilinear")
+    assert last < 0.5 * first and last < 0.5
+    assert miou > 0.5 and miou >= 0.8 * bilinear, (miou, bilinear)
 
 
 # --------------------------------------------------------------------------- DeepLabV3 options
@@ -192,6 +260,33 @@ def test_atrous_rates_and_output_stride():
     x = torch.zeros(1, 3, 64, 64, device="meta")
     assert os16.backbone(x)["out"].shape[-2:] == (4, 4)
     assert _meta("deeplabv3_resnet50").backbone(x)["out"].shape[-2:] == (8, 8)
+
+
+def test_atrous_rates_at_output_stride_16_are_doubled_at_8():
+    """atrous_rates_at=16: rates at output stride 16 (paper), doubled at 8: one field of view at both strides."""
+    import yaml
+
+    for stride, want in ((8, [12, 24, 36]), (16, [6, 12, 18])):
+        model = _meta("deeplabv3_resnet50", atrous_rates=[6, 12, 18], atrous_rates_at=16, output_stride=stride)
+        assert _aspp_dilations(model) == want
+        assert effective_atrous_rates("deeplabv3_resnet50", atrous_rates=[6, 12, 18], atrous_rates_at=16,
+                                      output_stride=stride) == tuple(want)
+    assert _aspp_dilations(_meta("deeplabv3_resnet50", atrous_rates=[3, 6, 9], output_stride=8)) == [3, 6, 9]  # as given
+    assert effective_atrous_rates("deeplabv3_resnet50", aspp="cascade", output_stride=16) is None
+    assert effective_atrous_rates("deeplabv3_mobilenet_v3_large", atrous_rates=[3, 6, 9], atrous_rates_at=16) == (3, 6, 9)
+    assert effective_atrous_rates("fcn8s_vgg16") is None
+    # the committed family: torchvision's (12, 24, 36) at OS 8, and (6, 12, 18) once output_stride is overridden to 16
+    options = yaml.safe_load((pathlib.Path(__file__).parents[1] / "params.yaml").read_text())["families"]["deeplabv3"]["options"]
+    options = {k: v for k, v in options.items() if k != "backbone_weights"}
+    assert effective_atrous_rates("deeplabv3_resnet50", **options) == (12, 24, 36)
+    assert _aspp_dilations(_meta("deeplabv3_resnet50", **{**options, "output_stride": 16})) == [6, 12, 18]
+    # ... and it is torchvision's deeplabv3_resnet50: same state dict, same outputs
+    ref = tvs.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True).eval()
+    ours = build_model("deeplabv3_resnet50", num_classes=21, **options).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 49, 57)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)["out"], ref(x)["out"], atol=1e-5, rtol=0)
 
 
 def test_cascade_blocks_use_multi_grid_rates():

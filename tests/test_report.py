@@ -360,3 +360,63 @@ def test_tune_trials_give_a_tune_plot(tmp_path, params_file):
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"))
     assert arr.std() > 5
+
+
+def test_report_averages_only_seeds_of_one_setting(tmp_path, params_file):
+    """Like with like: a tuned seed 0 (another train.lr) and a seed at another worker count (global
+    batch) are not averaged with the untuned seeds; they are listed as left out with the keys that
+    differ. Runs are made the way `segpipe train` makes them (tracking.start_run, real sqlite store)."""
+    from pipeline.config import load_params
+    from pipeline.report import select_runs
+    from pipeline.tracking import client, end_run, experiment_id, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = ["data.source=synthetic", "seeds=[0, 1, 2]", "families.lraspp.options={}", "families.unet.options={}",
+            "families.fcn.options={}", "families.deeplabv3.options={}"]
+
+    def train_run(seed: int, *extra: str, family: str = "lraspp") -> str:
+        p = load_params(params_file, base + [f"seed={seed}", f"mlflow.tracking_uri={uri}", *extra])
+        run_id = start_run(uri, p, family=family, model=p.families[family].model, options={}, stage="train")
+        end_run(uri, run_id, "FINISHED")
+        return run_id
+
+    untuned = {seed: train_run(seed) for seed in (0, 1, 2)}
+    unet = train_run(0, family="unet")
+    tuned0 = train_run(0, "train.lr=0.05")              # `segpipe train -p best_params.yaml` for seed 0 only
+    wide2 = train_run(2, "ray.num_workers=2")           # seed 2 again at another global batch
+    same1 = train_run(1, "train.loader_workers=0")      # bookkeeping only: the same experiment, newer
+    p = load_params(params_file, base + [f"mlflow.tracking_uri={uri}"])
+    c = client(uri)
+    chosen, left = select_runs(c, experiment_id(c, "segpipe"), p)
+    assert {k: r.info.run_id for k, r in chosen.items()} == {
+        ("lraspp", 0): untuned[0], ("lraspp", 1): same1, ("lraspp", 2): untuned[2], ("unet", 0): unet}
+    text = "\n".join(left)
+    assert f"lraspp seed 0 (run {tuned0[:8]})" in text and "train.lr=0.05 (averaged: 0.01)" in text
+    assert f"lraspp seed 2 (run {wide2[:8]})" in text and "ray.num_workers=2 (averaged: 4)" in text
+    assert "global_batch=16 (averaged: 32)" in text
+    wide_line = next(line for line in left if wide2[:8] in line)
+    assert "train.lr" not in wide_line and "seed=" not in wide_line  # only the keys that differ
+    assert "1 × older run of the same family, seed and setting" in left
+
+    # once seeds 1 and 2 are retrained with the tuned lr, the tuned setting has the most seeds and wins
+    tuned = {0: tuned0, 1: train_run(1, "train.lr=0.05"), 2: train_run(2, "train.lr=0.05")}
+    chosen, left = select_runs(c, experiment_id(c, "segpipe"), p)
+    assert {s: chosen[("lraspp", s)].info.run_id for s in (0, 1, 2)} == tuned
+    assert sum("train.lr=0.01 (averaged: 0.05)" in line for line in left) == 4  # 3 untuned + the wide one
+
+
+def test_runs_log_the_effective_atrous_rates(tmp_path, params_file):
+    """ASPP rates are given at output stride 16 (atrous_rates_at: 16); each run logs the dilations it used."""
+    from pipeline.config import load_params
+    from pipeline.tracking import client, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    got = {}
+    for stride in (8, 16):
+        p = load_params(params_file, [f"mlflow.tracking_uri={uri}"])
+        options = {**{k: v for k, v in p.families["deeplabv3"].options.items() if k != "backbone_weights"},
+                   "output_stride": stride}
+        run_id = start_run(uri, p, family="deeplabv3", model="deeplabv3_resnet50", options=options, stage="train")
+        params = client(uri).get_run(run_id).data.params
+        got[stride] = (params["model_options.atrous_rates"], params["model_effective.atrous_rates"])
+    assert got == {8: ("[6, 12, 18]", "[12, 24, 36]"), 16: ("[6, 12, 18]", "[6, 12, 18]")}
