@@ -390,10 +390,15 @@ def load_state(path, map_location="cpu", name: str | None = None) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        why = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), first[0] if first else "")
+        # weights_only's unpickler names the global / class / call it refused; other failures
+        # (e.g. "Unsupported operand" for a JPEG) mean the file is no pickle at all
+        why = next((line.strip() for line in str(exc).splitlines()
+                    if any(k in line for k in ("GLOBAL", "global", "reduce", "class", "allowed"))
+                    and "documentation" not in line and "weights_only" not in line), None)
+        if why is None:
+            raise UserError(f"{name} is not a segpipe checkpoint (not a torch file)") from None
         raise UserError(f"refusing to load {name}: it holds objects other than tensors and plain containers "
-                        f"(weights_only=True: {why.strip()[:160]}); only load checkpoints you trust") from None
+                        f"(weights_only=True: {why[:160]}); only load checkpoints you trust") from None
     except Exception as exc:  # not a torch file, truncated, ...
         raise UserError(f"{name} is not a readable segpipe checkpoint ({exc.__class__.__name__})") from None
     if not isinstance(state, dict) or not {"model", "model_name", "options"} <= set(state):

@@ -153,6 +153,8 @@ def serve(cmd: list[str], *, host: str, port: int, timeout: float, what: str, ba
     # SIGTERM (`kill <pid>`) and SIGHUP (the terminal closed) stop the server like Ctrl-C does: the
     # server runs in its own session, so nothing else would stop it
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # started under `nohup` (as the cluster launcher does): keep serving after logout
         signal.signal(sig, _interrupt)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, **(env or {})})

@@ -96,3 +96,15 @@ def test_resume_refuses_a_malicious_checkpoint_before_ray_starts(tmp_path, synth
     assert sorted(str(p) for p in (tmp_path / "ray").rglob("*")) == before
     assert not (tmp_path / "mlflow.db").exists()
     shutil.rmtree(tmp_path / "ray")
+
+
+def test_a_non_torch_file_is_not_called_malicious(tmp_path):
+    from PIL import Image
+
+    from pipeline.errors import UserError
+    from pipeline.train import load_state
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.jpg")
+    with pytest.raises(UserError, match="is not a segpipe checkpoint") as exc:
+        load_state(tmp_path / "x.jpg")
+    assert "refusing" not in str(exc.value)

@@ -32,14 +32,25 @@ def one_val_image(tmp_path_factory) -> Path:
 
 
 def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    """`segpipe train` in a fresh process; on a hang (the failure these tests look for) its whole
+    tree, the Ray it started included, is stopped by PID before the test fails."""
+    from tests.test_cluster import _stop_tree
+
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), "--family", "unet",
-                           *sum((["-S", o] for o in args), [])], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), "--family", "unet",
+           *sum((["-S", o] for o in args), [])]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_tree(proc)
+        raise AssertionError(f"segpipe train did not finish within {timeout}s (a rank hung)") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_two_workers_with_a_one_image_val_split_finish(one_val_image, tmp_path):
-    proc = _train(tiny_overrides(one_val_image, tmp_path) + ["train.sample_images=0", "train.max_failures=0"], tmp_path)
+    proc = _train(tiny_overrides(one_val_image, tmp_path) + ["train.sample_images=0", "train.max_failures=0"], tmp_path,
+                  timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[unet] done: val mIoU" in proc.stdout
     summary = (tmp_path / "reports" / "metrics" / "unet-seed0.json").read_text()

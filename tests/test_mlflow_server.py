@@ -170,3 +170,32 @@ def test_ui_stops_its_whole_tree_on_sighup(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_nohup_keeps_the_server_through_sighup(tmp_path):
+    """Under `nohup` (SIGHUP ignored, as cluster/ray-cluster.yaml starts it) SIGHUP is not a stop
+    request; SIGTERM still stops the whole tree."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
+    port = _free_port()
+    proc = subprocess.Popen(["nohup", sys.executable, "-m", "pipeline.cli", "ui", "-p", str(ROOT / "params.yaml"),
+                             "--port", str(port), "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_ready(proc)
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(3)
+        assert proc.poll() is None and _status(f"http://127.0.0.1:{port}/health") == 200
+        import psutil
+
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive and _port_free(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
