@@ -175,7 +175,10 @@ def _preflight_sqlite(uri: str, timeout: float) -> None:
     import sqlite3
 
     path = Path(uri[len("sqlite:///"):])
-    _check_writable_dir(uri, path.parent, "the directory")
+    d = path.parent
+    while not d.exists() and d != d.parent:  # MLflow creates missing directories: check where it would
+        d = d.parent
+    _check_writable_dir(uri, d, "the directory")
     if not path.exists():
         return  # MLflow creates it on first use, in a writable directory
     if not path.is_file():
@@ -254,5 +257,7 @@ def preflight(p: Params, timeout: float | None = None) -> str:
 
         path = Path(url2pathname(urlparse(uri).path)) if scheme == "file" else Path(uri)
         path = path.resolve()
-        _check_writable_dir(uri, path if path.exists() else path.parent, "the directory")
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        _check_writable_dir(uri, path, "the directory")
     return uri

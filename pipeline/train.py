@@ -450,7 +450,7 @@ def train(p: Params, family: str | None = None, progress: bool = True) -> dict:
     if p.data.verify_shards:
         from pipeline.data import verify_shards
 
-        verify_shards(p.data.dir, ("train", "val"))  # every shard against manifest.json, before Ray
+        verify_shards(p.data.dir)  # every shard against manifest.json, before Ray
     job.storage_path = storage.resolve(p.ray.storage_path)  # local/shared path or s3://, gs://
     job.ray_name = _ray_run_name(job, job.storage_path)
     if p.train.resume:

@@ -1111,7 +1111,7 @@ def run(p: Params, args) -> int:
 
     tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
     if p.data.verify_shards:
-        verify_shards(p.data.dir, ("train", "val"))  # every shard against manifest.json, before Ray
+        verify_shards(p.data.dir)  # every shard against manifest.json, before Ray
     _check_resources(p)
     for space in spaces:
         s = tune_family(p, space)

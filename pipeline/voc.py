@@ -73,7 +73,11 @@ class RawLayout:
         path = raw_dir / "source.json"
         if not path.is_file():
             raise UserError(f"no fetched dataset in {raw_dir} (missing source.json): run `segpipe fetch` first (data.dir)")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError):
+            raise UserError(f"{path} is damaged (not the JSON `segpipe fetch` writes): re-run `segpipe fetch` "
+                            "(data.dir)") from None
 
 
 def find_voc_root(path: Path) -> Path:

@@ -100,3 +100,12 @@ def test_bench_verify_reports_the_cost(tmp_path):
     names = [g["name"] for g in got["goals"]]
     assert names == ["verify time / loader-only epoch", "verify throughput GB/s"]
     assert got["goals"][1]["value"] > 0
+
+
+def test_damaged_source_json(params_file, sample_dir):
+    (sample_dir / "raw" / "source.json").write_text('{"source": "sample", "voc_root": ')
+    before = tree_snapshot(sample_dir)
+    proc = run_cli("preprocess", "-q", "-p", str(params_file), "-S", f"data.dir={sample_dir}")
+    assert_user_error(proc, "source.json is damaged", "segpipe fetch")
+    assert tree_snapshot(sample_dir) == before
+    no_debris(sample_dir)

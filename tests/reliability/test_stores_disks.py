@@ -83,43 +83,83 @@ def test_read_only_sqlite_store(tmp_path, params_file, sample_dir, stage):
     assert tree_snapshot(store) == before
 
 
+class _Gate:
+    """A loopback TCP forwarder in front of the real MLflow server: close() makes the server's
+    address refuse connections (an outage), open() brings it back, on the same port."""
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        self.port = free_port()
+        self.sock = None
+        self.live = []  # forwarded connections: an outage cuts them too (no keep-alive through it)
+
+    def open(self):
+        import socket
+
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self.sock = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def close(self):
+        import socket
+
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread; the port now refuses
+        except OSError:
+            pass
+        self.sock.close()
+        for x in self.live:
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.live = []
+
+    def _accept(self, s):
+        import socket
+
+        while True:
+            try:
+                client, _ = s.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.live += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (a, b):
+                try:
+                    x.shutdown(2)
+                except OSError:
+                    pass
+
+
 def test_bounded_retries_survive_a_short_outage(tmp_path, params_file, monkeypatch):
-    """A real MLflow server goes away while a stage logs; it comes back ~10 s later (its own
-    start-up); MLflow's retries, bounded by mlflow.http_*, carry the request over the gap. With
-    retries off the same outage loses the request."""
+    """The tracking server's address refuses connections for 6 s while a stage logs a metric:
+    MLflow's retries, bounded by mlflow.http_* (0, 4, 8, ... s), carry the request over the gap.
+    With retries off the same outage loses the request."""
     from pipeline import tracking
-    from pipeline.errors import UserError  # noqa: F401
 
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
            "--default-artifact-root", str(tmp_path / "art"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
-    procs = []
-
-    def start():
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True))
-
-    def wait_up(timeout=120):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
-
-    def stop():
-        p = procs[-1]
-        os.killpg(p.pid, signal.SIGTERM)  # its own session: the server and its worker, by group id
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
+    server = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    gate = _Gate(port)
+    url = f"http://127.0.0.1:{gate.port}"
     for env in tracking._RETRY_ENV:
         monkeypatch.delenv(env, raising=False)
     p = params(params_file, tmp_path / "D")
@@ -127,29 +167,37 @@ def test_bounded_retries_survive_a_short_outage(tmp_path, params_file, monkeypat
     assert set_env == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
     try:
-        start()
-        wait_up()
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        gate.open()
         c = tracking.client(url)
         run_id = c.create_run(c.create_experiment("outage")).info.run_id
-        stop()
-        # without retries the outage loses the request at once
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        gate.close()
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # without retries: lost at once
         with pytest.raises(Exception):
             tracking.log_metrics(url, run_id, {"m": 1.0}, step=0)
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", set_env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
-        restart = threading.Timer(3.0, start)
-        restart.start()
+        reopen = threading.Timer(6.0, gate.open)
+        reopen.start()
         t = time.monotonic()
         tracking.log_metrics(url, run_id, {"m": 2.0}, step=1)  # blocks through the outage
         took = time.monotonic() - t
-        restart.join()
-        assert took > 3
+        reopen.join()
+        assert 6 < took < 60
         assert [m.value for m in c.get_metric_history(run_id, "m")] == [2.0]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its workers, by group
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 # --------------------------------------------------------------------------- data.dir failures
