@@ -40,7 +40,8 @@ from seg_models import build_model  # noqa: E402  (torch + torchvision only)
 # change the speed, and a bare GPU machine has not fetched them); tests/test_bench.py checks they agree.
 RECIPE = {
     "fcn": ("fcn8s_vgg16", {"upsample": "transposed"}),
-    "deeplabv3": ("deeplabv3_resnet50", {"atrous_rates": [12, 24, 36], "output_stride": 8, "aux_loss": True}),
+    "deeplabv3": ("deeplabv3_resnet50", {"atrous_rates": [6, 12, 18], "atrous_rates_at": 16, "output_stride": 8,
+                                         "aux_loss": True}),  # (12, 24, 36) at OS 8
     "lraspp": ("lraspp_mobilenet_v3_large", {}),
     "unet": ("unet_resnet50", {"upsample": "bilinear"}),
 }
