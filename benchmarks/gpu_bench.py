@@ -41,7 +41,7 @@ from seg_models import build_model  # noqa: E402  (torch + torchvision only)
 RECIPE = {
     "fcn": ("fcn8s_vgg16", {"upsample": "transposed"}),
     "deeplabv3": ("deeplabv3_resnet50", {"atrous_rates": [6, 12, 18], "atrous_rates_at": 16, "output_stride": 8,
-                                         "aux_loss": True}),
+                                         "aux_loss": True}),  # (12, 24, 36) at OS 8
     "lraspp": ("lraspp_mobilenet_v3_large", {}),
     "unet": ("unet_resnet50", {"upsample": "bilinear"}),
 }

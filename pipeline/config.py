@@ -76,6 +76,19 @@ class DataParams(_Strict):
                                      "reach (decompression bombs reach 1000s; VOC/SBD are < 2)")
     verify_shards: bool = Field(True, description="train/tune check every shard's size, rows and sha256 "
                                 "against manifest.json before Ray starts")
+    tune_split: float | list[str] = Field(0.0, description="the tuning split, carved from train: a fraction "
+                                          "(the ids with the smallest sha256, at least one) or a list of train ids; "
+                                          "0 = none (tune trials then select on val, the published split)")
+
+    @field_validator("tune_split")
+    @classmethod
+    def _tune_split(cls, v: float | list[str]) -> float | list[str]:
+        if isinstance(v, list):
+            if not all(isinstance(i, str) and i for i in v):
+                raise ValueError("an id list holds non-empty image ids")
+        elif not 0 <= v <= 0.5:
+            raise ValueError(f"a fraction of train must be in [0, 0.5], got {v}")
+        return v
 
     @field_validator("source")
     @classmethod
@@ -118,6 +131,7 @@ class TrainParams(_Strict):
     poly_power: float = Field(0.9, gt=0)
     bn_momentum: float | None = Field(None, gt=0, le=1, description="override every BatchNorm's momentum (None: the model's own)")
     aux_weight: float = Field(0.5, ge=0, description="weight of the aux loss where the model has one")
+    aux_lr_mult: float = Field(1.0, gt=0, description="lr multiplier of the aux classifier (torchvision's recipe: 10)")
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
     grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 = off")
@@ -136,9 +150,45 @@ class TrainParams(_Strict):
         return self
 
 
+# train keys a family may not override (bookkeeping shared by the whole pipeline, or the model itself)
+NOT_PER_FAMILY = ("model", "model_options", "resume", "models_dir", "reports_dir")
+
+
 class FamilyParams(_Strict):
     model: str
     options: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict, description="this family's overrides of the shared `train` "
+                                  "block (e.g. tuned lr / weight_decay, written by `segpipe tune --apply`)")
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = sorted(k for k in v if k not in TrainParams.model_fields or k in NOT_PER_FAMILY)
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not a per-family train setting (any train key but "
+                             f"{', '.join(NOT_PER_FAMILY)})")
+        try:
+            checked = TrainParams.model_validate(v)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise ValueError(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}") from None
+        return {k: getattr(checked, k) for k in v}  # typed as the shared block types them ("1e-06" -> 1e-06)
+
+
+def family_params(p: "Params", family: str) -> "Params":
+    """``p`` with ``families.<family>.train`` merged over the shared ``train`` block (and emptied, so the
+    merge happens once): what a run of the family trains with."""
+    fam = p.families.get(family)
+    if fam is None or not fam.train:
+        return p
+    families = {**p.families, family: fam.model_copy(update={"train": {}})}
+    try:
+        train = TrainParams.model_validate({**p.train.model_dump(), **fam.train})
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise ParamsError(f"families.{family}.train over train: {e['msg'].removeprefix('Value error, ')} "
+                          f"(families.{family}.train)") from None
+    return p.model_copy(update={"train": train, "families": families})
 
 
 class MlflowParams(_Strict):
@@ -191,7 +241,7 @@ def _default_space() -> dict[str, dict[str, Any]]:
                       "output_stride": {"grid": [8, 16]}, "aspp": {"grid": ["parallel", "cascade"]}, **optim},
         "fcn": {"variant": {"grid": ["32s", "16s", "8s"]}, "upsample": {"grid": ["bilinear", "transposed", "unpool"]},
                 **optim},
-        "unet": {"model": "unet", "upsample": {"grid": ["bilinear", "transposed", "unpool"]}, **optim},
+        "unet": {"upsample": {"grid": ["bilinear", "transposed"]}, **optim},  # unet_resnet50 has no unpool
         "lraspp": dict(optim),
     }
 
@@ -262,6 +312,8 @@ class TuneParams(_Strict):
 
 
 class Params(_Strict):
+    profile: str = Field("default", description="the recipe profile these params come from (profiles/<name>.yaml; "
+                         "`segpipe quickstart --profile` sets it): tagged on every run, its published anchors in the report")
     seed: int = Field(0, ge=0)
     seeds: list[int] = Field(default_factory=lambda: [0], description="DVC's train matrix runs families x seeds")
     data: DataParams = Field(default_factory=DataParams)

@@ -115,6 +115,7 @@ def decode_mask(data: bytes) -> torch.Tensor:
 
 class ShardDataset(Dataset):
     """Map-style dataset over one split's shards; this worker's rows are rank::world_size.
+    ``split`` "a-b" is split a without the ids of split b (tune trials train on "train-tune").
 
     With ``pad=True`` (training) every rank gets the same number of items (the first rows are
     repeated, as DistributedSampler does) so DDP ranks run the same number of steps; evaluation
@@ -123,13 +124,20 @@ class ShardDataset(Dataset):
 
     def __init__(self, data_dir: str | Path, split: str, transform=None, rank: int = 0,
                  world_size: int = 1, pad: bool = False):
+        split, _, minus = split.partition("-")  # "train-tune": train without the ids of the tune split
+        exclude = {i for f in list_shards(data_dir, minus)
+                   for i in storage.open_parquet(f).read(columns=["id"]).column(0).to_pylist()} if minus else set()
         self.files = list_shards(data_dir, split)
         self.transform = transform
         self.index: list[tuple[int, int, int]] = []  # (file, row group, row in group)
         for fi, path in enumerate(self.files):
-            meta = storage.open_parquet(path).metadata
-            for rg in range(meta.num_row_groups):
-                self.index.extend((fi, rg, r) for r in range(meta.row_group(rg).num_rows))
+            pf = storage.open_parquet(path)
+            for rg in range(pf.metadata.num_row_groups):
+                rows = range(pf.metadata.row_group(rg).num_rows)
+                if exclude:
+                    ids = pf.read_row_group(rg, columns=["id"]).column(0).to_pylist()
+                    rows = [r for r in rows if ids[r] not in exclude]
+                self.index.extend((fi, rg, r) for r in rows)
         total = len(self.index)
         if world_size > 1:
             per_rank = math.ceil(total / world_size) if pad else None

@@ -69,9 +69,15 @@ def set_bn_momentum(model: torch.nn.Module, momentum: float | None) -> None:
             m.momentum = momentum
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float,
+                   aux_lr_mult: float = 1.0) -> torch.optim.SGD:
+    """SGD; the aux classifier (where the model has one) at ``aux_lr_mult`` x lr (torchvision's recipe: 10)."""
+    aux = getattr(getattr(model, "module", model), "aux_classifier", None)  # (DDP wraps the model in .module)
+    aux_ids = {id(p) for p in aux.parameters()} if aux is not None and aux_lr_mult != 1.0 else set()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in aux_ids]}]
+    if aux_ids:
+        groups.append({"params": [p for p in aux.parameters() if p.requires_grad], "lr": lr * aux_lr_mult})
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def poly_schedule(optimizer, total_iters: int, warmup_iters: int = 0, power: float = 0.9):

@@ -10,6 +10,7 @@ bad pair exits 2 listing every bad id and leaves the previous shards untouched.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -147,6 +148,21 @@ def _read_ids(path: Path) -> list[str]:
     return read_id_list(path)
 
 
+def tune_split_ids(train_ids: list[str], spec: float | list[str]) -> set[str]:
+    """The ids of the tuning split: an id list as given (each must be a train id), or the fraction of
+    train ids with the smallest sha256 (at least one): deterministic, independent of order and seed."""
+    if isinstance(spec, list):
+        missing = sorted(set(spec) - set(train_ids))
+        if missing:
+            raise UserError(f"{len(missing)} id(s) of data.tune_split are not train ids: {', '.join(missing[:5])} "
+                            "(data.tune_split)")
+        return set(spec)
+    if not spec or not train_ids:
+        return set()
+    n = max(1, round(spec * len(train_ids)))
+    return set(sorted(train_ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:n])
+
+
 def preprocess(p: Params, progress: bool = True) -> dict:
     """Under the data.dir writer lock (pipeline.datadir): one writer at a time, debris of an
     interrupted run removed first; an OSError while writing is one `error:` line."""
@@ -181,6 +197,10 @@ def _preprocess(p: Params, progress: bool = True) -> dict:
         ]
         if not jobs[split]:
             raise UserError(f"split list {list_file} is empty (data.source)")
+
+    tune_ids = tune_split_ids([j[1] for j in jobs.get("train", [])], p.data.tune_split)
+    if tune_ids:  # its own split, rows copied from train: trials train on train-tune and select on tune
+        jobs["tune"] = [("tune", *j[1:]) for j in jobs["train"] if j[1] in tune_ids]
 
     new_dir = data_dir / ".shards-new"
     if new_dir.exists():

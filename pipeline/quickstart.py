@@ -28,13 +28,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the dvc command and stop")
 
 
-def profile_overrides(name: str) -> list[str]:
+def _profile(name: str) -> dict:
     path = PROFILES / f"{name}.yaml"
     if not path.is_file():
         have = sorted(p.stem for p in PROFILES.glob("*.yaml"))
         raise UserError(f"no profile {name!r} in {PROFILES} (have {have}) (--profile)")
-    raw = yaml.safe_load(path.read_text()) or {}  # dotted keys; a mapping value replaces the whole entry
-    return [f"{k}={override_value(v)}" for k, v in raw.items()]
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def profile_overrides(name: str) -> list[str]:
+    """The profile's params overrides (dotted keys; a mapping value replaces the whole entry), plus
+    `profile=<name>` so every run is tagged with it. `anchors` is not a param: see profile_anchors."""
+    raw = {k: v for k, v in _profile(name).items() if k != "anchors"}
+    return [f"profile={name}"] + [f"{k}={override_value(v)}" for k, v in raw.items() if k != "profile"]
+
+
+def profile_anchors(name: str) -> dict[str, dict]:
+    """family -> the published figure the profile aims at (`anchors` of profiles/<name>.yaml): figure,
+    mIoU (%), dataset (trained on), split (evaluated on), source. {} for no profile file or none."""
+    try:
+        anchors = _profile(name).get("anchors") or {}
+    except (UserError, yaml.YAMLError):
+        return {}
+    return {f: a for f, a in anchors.items() if isinstance(a, dict)}
 
 
 def dvc_set_params(overrides: list[str]) -> list[str]:
@@ -59,6 +75,8 @@ def override_value(v) -> str:
         return "[" + ", ".join(override_value(x) for x in v) + "]"
     if isinstance(v, str):
         return v
+    if isinstance(v, float) and "e" in repr(v) and "." not in repr(v):
+        return repr(v).replace("e", ".0e")  # 1e-06 is a string to YAML 1.1; 1.0e-06 a float to YAML and Hydra
     return json.dumps(v)  # numbers, true/false, null
 
 
@@ -67,8 +85,9 @@ def run(_params, args) -> int:
     p = load_params(args.params, overrides)  # bad overrides fail here, before DVC runs anything
     from pipeline.train import check_model
 
-    for name, fam in p.families.items():
-        check_model(fam.model, fam.options, where=f"families.{name}.model")
+    for name, fam in p.families.items():  # backbone weight files come later, from DVC's weights stage
+        check_model(fam.model, {k: v for k, v in fam.options.items() if k != "backbone_weights"},
+                    where=f"families.{name}.model")
     dvc = Path(sys.executable).with_name("dvc")
     cmd = [str(dvc) if dvc.exists() else "dvc", "exp", "run", *dvc_set_params(overrides)]
     if args.dry_run:

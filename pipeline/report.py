@@ -171,7 +171,7 @@ def search_all(c, experiment_id: str, filter_string: str) -> list:
 _NOT_TRAINING = _NOT_A_SETTING + ("tune.", "hp.", "train.model", "train.loader_workers", "train.max_failures",
                                   "train.sample_images", "train.eval_every", "data.voc_", "data.sbd_",
                                   "data.download_timeout_s", "data.workers", "data.row_group_rows",
-                                  "data.shard_max_mb", "ray.cpus_per_worker")
+                                  "data.shard_max_mb", "data.tune_split", "ray.cpus_per_worker")
 
 
 def run_setting(params: dict, tags: dict) -> dict[str, str]:
@@ -430,7 +430,7 @@ def tune_trials(c, experiment_id: str, p: Params) -> list[dict]:
                    and len({r.data.params.get(k) for r in rs}) > 1]
         for r in rs:
             trials.append({"label": fam, "run_id": r.info.run_id, "mIoU": r.data.metrics["val/mIoU"],
-                           "status": r.info.status,
+                           "status": r.info.status, "eval_split": r.data.tags.get("eval_split", "val"),
                            "config": {k: parse_param(r.data.params[k]) for k in varying if k in r.data.params}})
     return trials
 
@@ -680,6 +680,19 @@ def _short_device(name: str) -> str:
     return name.split(" (torch")[0]
 
 
+def report_anchors(p: Params, groups: list[Group]) -> dict[str, dict]:
+    """family -> the published figure its runs' profile (tag `profile`, else params `profile`) aims at."""
+    from pipeline.quickstart import profile_anchors
+
+    out = {}
+    for g in groups:
+        name = g.best.tags.get("profile") or p.profile
+        a = profile_anchors(name).get(g.family)
+        if a is not None:
+            out[g.family] = {**a, "profile": name}
+    return out
+
+
 def to_json(p, uri, exp, groups, dev_name, left_out, missing, trials, figs) -> dict:
     differ, shared = differing_params(groups)
     fams = []
@@ -713,6 +726,11 @@ def to_json(p, uri, exp, groups, dev_name, left_out, missing, trials, figs) -> d
         "shared_params": {k: shared[k] for k in SHARED_KEYS if k in shared},
         "missing_runs": missing,
         "left_out_runs": left_out,
+        "anchors": report_anchors(p, groups),
+        # family -> the split its tune trials selected on (val if any of its trials did)
+        "tuned_families": {f: "val" if any(t["eval_split"] == "val" for t in trials if t["label"] == f)
+                           else next(t["eval_split"] for t in trials if t["label"] == f)
+                           for f in dict.fromkeys(t["label"] for t in trials)},
         "tune_trials": trials,
         "figures": figs,
     }
@@ -733,9 +751,11 @@ def to_markdown(p, uri, exp, groups, s, figs, trials) -> str:
     best_miou = max((g.stat("mIoU")["mean"] for g in groups if g.stat("mIoU")["mean"] is not None), default=None)
     size = next((g.measured["size"] for g in groups if "size" in g.measured), p.train.eval_size)
     L += ["## Results", ""]
-    L += [f"| family | model | key options | val mIoU | pixel acc | mean acc | params (M) | GFLOPs @{size}² | "
+    anchors = s.get("anchors", {})
+    L += [f"| family | model | key options | val mIoU | published anchor | pixel acc | mean acc | params (M) | GFLOPs @{size}² | "
           "latency (ms/img) | train time | img/s | seeds | MLflow run(s) | git commit |",
-          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+          "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    tuned = s.get("tuned_families", {})
     for g in groups:
         m = g.stat("mIoU")
         miou = _pm(m)
@@ -743,7 +763,9 @@ def to_markdown(p, uri, exp, groups, s, figs, trials) -> str:
             miou = f"**{miou}**"
         commits = sorted({(r.tags.get("git_commit") or "unknown")[:8] for r in g.runs})
         L.append("| " + " | ".join([
-            g.family, f"`{g.model}`", _opts(g.best.options), miou, _pm(g.stat("pixel_acc")), _pm(g.stat("mean_acc")),
+            g.family + (" †" if g.family in tuned else ""), f"`{g.model}`", _opts(g.best.options), miou,
+            (f"{anchors[g.family]['miou']} ({anchors[g.family]['profile']})" if g.family in anchors else "–"),
+            _pm(g.stat("pixel_acc")), _pm(g.stat("mean_acc")),
             _f(g.measured.get("params_M"), 2), _f(g.measured.get("gflops"), 2), _f(g.measured.get("latency_ms"), 1),
             _duration(statistics.fmean([r.train_seconds for r in g.runs])),
             _f(_mean_std([r.img_per_s for r in g.runs if r.img_per_s is not None])["mean"], 1),
@@ -758,6 +780,23 @@ def to_markdown(p, uri, exp, groups, s, figs, trials) -> str:
           f"**{s['latency']['device']}**. Train time: wall clock of the MLflow run (Ray start-up, evaluation and "
           "logging included), mean over seeds. img/s: training images per second summed over the Ray workers, mean "
           "over epochs and seeds. Full run ids are in the [runs table](#runs) and comparison.json.", ""]
+    for fam, a in anchors.items():
+        L += [f"- Anchor of {fam} (profile `{a['profile']}`): {a.get('figure', '')} — {a.get('source', '')}."
+              + (f" Differs from this run: trained on {a['dataset']} (here `{p.data.source}`)"
+                 if a.get("dataset") and a["dataset"] != str(p.data.source) else " Same training data")
+              + (", same evaluation split (VOC2012 val)." if a.get("split") == "VOC2012 val"
+                 and str(p.data.source) in ("voc2012", "voc2012_aug")
+                 else f", evaluated on {a.get('split', '?')} (here the `val` split of `{p.data.source}`).")
+              + " The anchor is in %, the table's mIoU a fraction."]
+    if anchors:
+        L.append("")
+    eval_splits = sorted({r.tags.get("eval_split", "val") for g in groups for r in g.runs})
+    L += [f"Split: every number above is measured on the `{'`, `'.join(eval_splits)}` split (the train runs' "
+          "`eval_split` tag); models train on the whole `train` split."
+          + "".join(f" † {fam}: tuned by `segpipe tune`, trials selected on the `{split}` split"
+                    + (" (the published split: this number is optimistically biased; set data.tune_split)."
+                       if split in eval_splits else f", not on `{'`, `'.join(eval_splits)}`.")
+                    for fam, split in tuned.items()), ""]
 
     # ---- differences vs seed spread
     comps = s["comparisons"]
@@ -821,12 +860,12 @@ def to_markdown(p, uri, exp, groups, s, figs, trials) -> str:
     # ---- tune
     if trials:
         L += ["## Hyper-parameter search (Ray Tune)", ""]
-        L += ["| family | trials | best trial val mIoU | best config | run |", "|---|---:|---:|---|---|"]
+        L += ["| family | trials | selected on | best trial mIoU | best config | run |", "|---|---:|---|---:|---|---|"]
         for fam in dict.fromkeys(t["label"] for t in trials):
             ts = [t for t in trials if t["label"] == fam]
             b = max(ts, key=lambda t: t["mIoU"])
             cfg = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["config"].items()) or "–"
-            L.append(f"| {fam} | {len(ts)} | {b['mIoU']:.3f} | {cfg} | `{b['run_id'][:8]}` |")
+            L.append(f"| {fam} | {len(ts)} | `{b['eval_split']}` | {b['mIoU']:.3f} | {cfg} | `{b['run_id'][:8]}` |")
         L.append("")
         if "tune" in figs:
             L += [f"![tune trials]({figs['tune']})", ""]

@@ -93,7 +93,7 @@ def start_run(uri: str, p: Params, *, family: str, model: str, options: dict, st
 
     c = client(uri)
     tags = {"family": family, "model": model, "seed": str(p.seed), "data_source": str(p.data.source),
-            "git_commit": git_commit(), "stage": stage, **(extra_tags or {})}
+            "git_commit": git_commit(), "stage": stage, "profile": p.profile, **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(c, p.mlflow.experiment), run_name=run_name or f"{family}-{model}-{p.seed}", tags=tags)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.config import Params
+from pipeline.config import Params, family_params
 from pipeline.errors import UserError
 from pipeline.voc import NUM_CLASSES, VOC_CLASSES
 
@@ -70,6 +70,7 @@ def resolve_job(p: Params, family: str | None) -> Job:
     if family:
         if family not in p.families:
             raise UserError(f"unknown family {family!r}: params.yaml families has {sorted(p.families)} (--family)")
+        p = family_params(p, family)  # families.<family>.train over the shared train block
         model, options = p.families[family].model, dict(p.families[family].options)
         options.update(p.train.model_options)
     else:
@@ -113,7 +114,7 @@ def worker_config(job: Job) -> dict:
         "epochs": t.epochs, "batch_size": t.batch_size, "crop_size": t.crop_size, "eval_size": t.eval_size,
         "scale_min": t.scale_min, "scale_max": t.scale_max, "lr": t.lr, "momentum": t.momentum,
         "weight_decay": t.weight_decay, "warmup_epochs": t.warmup_epochs, "poly_power": t.poly_power,
-        "aux_weight": t.aux_weight, "bn_momentum": t.bn_momentum, "amp": t.amp, "channels_last": t.channels_last, "grad_clip": t.grad_clip,
+        "aux_weight": t.aux_weight, "aux_lr_mult": t.aux_lr_mult, "bn_momentum": t.bn_momentum, "amp": t.amp, "channels_last": t.channels_last, "grad_clip": t.grad_clip,
         "eval_every": t.eval_every, "loader_workers": t.loader_workers,
         "threads": max(1, int(p.ray.cpus_per_worker)),
         **job.extra_config,
@@ -139,10 +140,11 @@ def build_loaders(cfg: dict, rank: int, world_size: int, epoch: int):
     from pipeline.data import BlockShuffleSampler, ShardDataset, eval_transform, train_transform
 
     # uint8 images and masks: pipeline.engine normalises them on the device (`segpipe bench loader`)
-    train_ds = ShardDataset(cfg["data_dir"], "train", train_transform(cfg["crop_size"], cfg["scale_min"], cfg["scale_max"],
+    # tune trials: train_split "train-tune", val_split "tune" (pipeline.tune); a training run: train / val
+    train_ds = ShardDataset(cfg["data_dir"], cfg.get("train_split", "train"), train_transform(cfg["crop_size"], cfg["scale_min"], cfg["scale_max"],
                                                                        normalize=False),
                             rank=rank, world_size=world_size, pad=True)
-    val_ds = ShardDataset(cfg["data_dir"], "val", eval_transform(cfg["eval_size"], normalize=False), rank=rank,
+    val_ds = ShardDataset(cfg["data_dir"], cfg.get("val_split", "val"), eval_transform(cfg["eval_size"], normalize=False), rank=rank,
                           world_size=world_size)
     sampler = BlockShuffleSampler(train_ds, seed=cfg["seed"] * 100 + rank)
     sampler.set_epoch(epoch)
@@ -188,7 +190,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                               aux_weight=cfg["aux_weight"], grad_clip=cfg["grad_clip"], channels_last=cfg["channels_last"])
     train_loader, _ = build_loaders(cfg, rank, world, 0)
     steps_per_epoch = max(1, len(train_loader))
-    optimizer = engine.make_optimizer(model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
+    optimizer = engine.make_optimizer(model, cfg["lr"], cfg["momentum"], cfg["weight_decay"], cfg.get("aux_lr_mult", 1.0))
     scheduler = engine.poly_schedule(optimizer, cfg["epochs"] * steps_per_epoch,
                                      int(cfg["warmup_epochs"] * steps_per_epoch), cfg["poly_power"])
     scaler = torch.amp.GradScaler(device.type, enabled=opts.amp_dtype == torch.float16)
@@ -445,6 +447,7 @@ def train(p: Params, family: str | None = None, progress: bool = True) -> dict:
     from pipeline import tracking
 
     job = resolve_job(p, family)
+    p = job.params  # with the family's own train block merged
     check_data(p)
     tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
     if p.data.verify_shards:
@@ -461,7 +464,8 @@ def train(p: Params, family: str | None = None, progress: bool = True) -> dict:
         tracking.client(job.tracking_uri).update_run(job.run_id, status="RUNNING")
     else:
         job.run_id = tracking.start_run(job.tracking_uri, p, family=job.family, model=job.model,
-                                        options=job.options, stage="train")
+                                        options=job.options, stage="train",
+                                        extra_tags={"train_split": "train", "eval_split": "val"})
         storage.write_text(marker, json.dumps({"mlflow_run_id": job.run_id}) + "\n")
     print(f"[{job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}", flush=True)
     started = time.time()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params
+from pipeline.config import Params, family_params
 from pipeline.errors import UserError
 
 METRIC = "val/mIoU"
@@ -134,6 +134,12 @@ def resolve_space(p: Params, family: str) -> Space:
     # entry of params.yaml's space
     entries = {k: v for k, v in (p.tune.space[family] or {}).items() if v is not None}
     where = f"tune.space.{family}"
+    p = family_params(p, family)  # trials start from what the family trains with
+    global_batch = p.train.batch_size * p.ray.num_workers
+    if global_batch % p.tune.num_workers:
+        raise UserError(f"trials train at the training run's global batch ({p.ray.num_workers} workers x "
+                        f"{p.train.batch_size} = {global_batch}), which tune.num_workers={p.tune.num_workers} "
+                        "does not divide (tune.num_workers)")
     base_model = p.families[family].model
     base_options = {**p.families[family].options, **p.train.model_options}
     err = _build_error("", base_model, base_options)
@@ -169,6 +175,10 @@ def resolve_space(p: Params, family: str) -> Space:
     for name in ("model", "variant"):
         if name in entries:
             kind, arg = _kind(entries[name])
+            if kind == "fixed" and models[0] != base_model:
+                raise UserError(f"{name} {arg!r} is fixed to {models[0]} but families.{family}.model is {base_model}: "
+                                f"trials must tune the model that is trained; drop the entry or change "
+                                f"families.{family}.model ({where}.{name})")
             if kind == "fixed":
                 space.model = models[0]
                 space.fixed[name] = arg
@@ -315,22 +325,38 @@ def param_space(space: Space, search_alg: str) -> dict:
 
 
 def trial_params(p: Params, space: Space, values: dict) -> Params:
-    """The params one trial trains with: the family's model/options and optimiser values of the
-    trial, tune.max_epochs epochs, evaluated every epoch (ASHA reads val/mIoU each epoch)."""
+    """The params one trial trains with: the family's model/options, its train block and the optimiser
+    values of the trial, at the training run's global batch, tune.max_epochs epochs, evaluated every
+    epoch (ASHA reads val/mIoU each epoch)."""
     from pipeline.config import FamilyParams
 
+    p = family_params(p, space.family)  # families.<f>.train over the shared train block
     model, options, train = _apply(space, values)
     families = dict(p.families)
-    families[space.family] = FamilyParams.model_construct(model=model, options=options)
+    families[space.family] = FamilyParams.model_construct(model=model, options=options, train={})
+    # the training run's global batch (ray.num_workers x train.batch_size) on tune.num_workers workers,
+    # so tuned optimiser settings transfer without LR scaling
+    batch = p.train.batch_size * p.ray.num_workers // p.tune.num_workers
     return p.model_copy(update={
         "families": families,
         "train": p.train.model_copy(update={**train, "model_options": {}, "epochs": p.tune.max_epochs, "eval_every": 1,
-                                            "resume": False, "sample_images": 0}),
+                                            "resume": False, "sample_images": 0, "batch_size": batch}),
         "ray": p.ray.model_copy(update={"num_workers": p.tune.num_workers, "cpus_per_worker": p.tune.cpus_per_worker}),
     })
 
 
 # ------------------------------------------------------------------------------ the trial (runs in Ray)
+
+
+def trial_splits(p: Params) -> dict:
+    """Where trials train and select: train-minus-tune / tune when preprocess wrote a tune split
+    (data.tune_split), else train / val (the published split: the report says so)."""
+    from pipeline.data import load_manifest
+
+    if load_manifest(p.data.dir)["splits"].get("tune", {}).get("count", 0):
+        return {"train_split": "train-tune", "val_split": "tune"}
+    return {"train_split": "train", "val_split": "val"}
+
 
 
 def _find_child(uri: str, experiment: str, parent_run_id: str, trial_id: str):
@@ -359,6 +385,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     job = resolve_job(p, space.family)
     trial_id = tune.get_context().get_trial_id()
     job.storage_path, job.ray_name = ctx["train_storage"], trial_id
+    job.extra_config.update(trial_splits(p))
     existing = _find_child(job.tracking_uri, p.mlflow.experiment, ctx["parent_run_id"], trial_id)
     if existing is not None:  # a resumed trial keeps its run; the epoch callback continues its history
         job.run_id = existing.info.run_id
@@ -367,7 +394,8 @@ def run_trial(config: dict, ctx: dict) -> None:
         job.run_id = tracking.start_run(
             job.tracking_uri, p, family=space.family, model=job.model, options=job.options, stage="tune-trial",
             run_name=f"{space.family}-{trial_id}", parent_run_id=ctx["parent_run_id"],
-            extra_tags={"trial_id": trial_id, "ray_experiment": ctx["name"]})
+            extra_tags={"trial_id": trial_id, "ray_experiment": ctx["name"], "train_split": job.extra_config["train_split"],
+                        "eval_split": job.extra_config["val_split"]})
         from mlflow.entities import Param
 
         tracking.client(job.tracking_uri).log_batch(
@@ -846,8 +874,8 @@ def best_params_yaml(p: Params, family: str, best: dict) -> str:
     import yaml
 
     d = p.model_dump(mode="json")
-    d["families"][family] = {"model": best["model"], "options": best["options"]}
-    d["train"].update(best["train"])
+    d["families"][family] = {"model": best["model"], "options": best["options"],
+                             "train": {**p.families[family].train, **best["train"]}}  # never the shared train block
     d["tune"]["resume"] = False
     where = out_dir(p, family)
     head = (f"# segpipe tune: the best {family} trial ({best['trial_id']}, val mIoU {best['val_mIoU']:.4f} after "
@@ -1027,9 +1055,16 @@ def _upsample_bars(plt, rows: list[dict], family: str, path: Path) -> Path:
 
 
 def apply_best(params_path: str, p: Params, families: list[str]) -> list[str]:
-    """Merge best_config.json of each family into the params file, comments kept; returns the changes."""
+    """Merge the best config of each family's last tune into the params file, comments kept; returns
+    the changes. Only the searched entries change: a searched model option in families.<f>.options
+    (an option that does not apply to the best trial, e.g. atrous_rates for aspp=cascade, is removed),
+    a searched optimiser setting in families.<f>.train (never the shared train block), a searched
+    model / variant in families.<f>.model. Everything else (backbone_weights included) is kept. A tune
+    of another model than the file's families.<f>.model is refused: its values are for that model."""
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    from seg_models import list_models, model_info
 
     bests = {}
     for fam in families:
@@ -1037,14 +1072,6 @@ def apply_best(params_path: str, p: Params, families: list[str]) -> list[str]:
         if not path.is_file():
             raise UserError(f"no tune result for {fam}: {path} is missing; run `segpipe tune --family {fam}` first (--apply)")
         bests[fam] = json.loads(path.read_text())
-    train_vals: dict[str, tuple[str, Any]] = {}
-    for fam, b in bests.items():
-        for k, v in b.get("train", {}).items():
-            if k in train_vals and train_vals[k][1] != v:
-                other = train_vals[k][0]
-                raise UserError(f"train.{k} is shared by all families but the best {other} and {fam} trials differ "
-                                f"({train_vals[k][1]:.4g} vs {v:.4g}): apply one family at a time (--family)")
-            train_vals[k] = (fam, v)
 
     def flow(v):
         if isinstance(v, list):
@@ -1057,6 +1084,9 @@ def apply_best(params_path: str, p: Params, families: list[str]) -> list[str]:
             return m
         return v
 
+    def plain(v):
+        return json.loads(json.dumps(v))
+
     yml = YAML()
     yml.preserve_quotes = True
     yml.width = 120
@@ -1064,20 +1094,42 @@ def apply_best(params_path: str, p: Params, families: list[str]) -> list[str]:
     doc = yml.load(src.read_text())
     changes = []
     for fam, b in bests.items():
-        fams = doc.setdefault("families", CommentedMap())
-        entry = fams.setdefault(fam, CommentedMap())
-        if entry.get("model") != b["model"]:
+        entry = (doc.get("families") or {}).get(fam)
+        if entry is None:
+            raise UserError(f"{params_path} has no families.{fam} to apply the {fam} tune to (--apply)")
+        values = b.get("values", {})
+        searched_model = "model" in values or "variant" in values
+        if not searched_model and entry.get("model") != b["model"]:
+            raise UserError(f"the {fam} tune trained {b['model']} but {params_path} has families.{fam}.model "
+                            f"{entry.get('model')}: its values are for another model; tune the model you train (--apply)")
+        if searched_model and entry.get("model") != b["model"]:
             changes.append(f"families.{fam}.model: {entry.get('model')} -> {b['model']}")
             entry["model"] = b["model"]
-        before = json.loads(json.dumps(entry.get("options") or {}))
-        if before != b["options"]:
-            changes.append(f"families.{fam}.options: {json.dumps(before)} -> {json.dumps(b['options'])}")
-            entry["options"] = flow(b["options"])
-    train = doc.setdefault("train", CommentedMap())
-    for k, (_, v) in train_vals.items():
-        if train.get(k) != v:
-            changes.append(f"train.{k}: {train.get(k)} -> {v}")
-            train[k] = v
+        options = entry.get("options")
+        if options is None:
+            options = entry["options"] = flow({})
+        if searched_model and b["model"] in list_models():
+            known = model_info(b["model"])["options"]
+            for k in [k for k in options if k not in known]:
+                changes.append(f"families.{fam}.options.{k}: {plain(options[k])} removed ({b['model']} has no such option)")
+                del options[k]
+        train = entry.get("train")
+        for name, v in values.items():
+            if name in ("model", "variant"):
+                continue
+            if name in TRAIN_KEYS:
+                if train is None:
+                    train = entry["train"] = flow({})
+                if train.get(name) != v:
+                    changes.append(f"families.{fam}.train.{name}: {train.get(name)} -> {_show(v)}")
+                    train[name] = v
+            elif v is None:  # does not apply to the best trial (atrous_rates of a cascade DeepLabV3)
+                if name in options:
+                    changes.append(f"families.{fam}.options.{name}: {plain(options[name])} removed (n/a)")
+                    del options[name]
+            elif plain(options.get(name)) != plain(v):
+                changes.append(f"families.{fam}.options.{name}: {plain(options.get(name))} -> {plain(v)}")
+                options[name] = flow(v)
     fd, tmp = tempfile.mkstemp(prefix=".params-", suffix=".yaml", dir=src.parent)
     try:
         with os.fdopen(fd, "w") as f:

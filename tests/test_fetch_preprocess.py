@@ -39,7 +39,7 @@ def test_sample_end_to_end_bit_identical(tmp_path, params_file):
     proc = run_cli("preprocess", "-p", str(params_file), "-S", "data.source=sample", "-S", f"data.dir={d}", "-q")
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((d / "shards" / "manifest.json").read_text())
-    assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 7, "val": 3}
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 7, "val": 3, "tune": 1}  # data.tune_split
     truth = _tar_pngs(SAMPLE_TAR)
     assert len(truth) == 10
     seen = {}

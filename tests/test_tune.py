@@ -162,22 +162,89 @@ def test_reports_best_params_and_apply(tuned):
     from pipeline.train import resolve_job
 
     assert resolve_job(p, "unet").options["upsample"] == best["options"]["upsample"]
-    # --apply merges the best config into a params file, comments kept, nothing run
+    # --apply refuses a params file whose family trains another model than the tune did (unet_resnet50)
     target = work / "apply" / "params.yaml"
     target.parent.mkdir()
     shutil.copy(ROOT / "params.yaml", target)
+    before = target.read_text()
     proc = run_cli("tune", "--apply", "--family", "unet", "-p", str(target), "-S", f"train.reports_dir={work / 'reports'}",
                    cwd=target.parent)
-    assert proc.returncode == 0, proc.stderr
-    assert "families.unet.model: unet_resnet50 -> unet" in proc.stdout, proc.stdout
-    text = target.read_text()
-    assert "# segpipe params: the single source of every knob" in text
-    applied = load_params(target)
-    assert applied.families["unet"].model == "unet" and applied.families["unet"].options == best["options"]
-    assert applied.families["fcn"] == load_params(ROOT / "params.yaml").families["fcn"]
+    assert_user_error(proc, "the unet tune trained unet", "families.unet.model unet_resnet50")
+    assert target.read_text() == before
     proc = run_cli("tune", "--apply", "--family", "fcn", "-p", str(target), "-S", f"train.reports_dir={work / 'reports'}",
                    cwd=target.parent)
     assert_user_error(proc, "no tune result for fcn")
+
+
+def test_apply_then_train_trains_the_tuned_config(tuned):
+    """--apply changes only the searched entry (upsample) of the family, keeps the rest (its options, its
+    own train block, the shared train block, the other families); `segpipe train` then trains exactly
+    that, at the trials' global batch (trials: 1 worker x 8, training: 2 workers x 4)."""
+    import yaml
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import apply_overrides, read_yaml
+    from pipeline.train import train
+
+    work = tuned["work"]
+    best = json.loads((work / "reports" / "tune" / "unet" / "best_config.json").read_text())
+    raw = apply_overrides(read_yaml(ROOT / "params.yaml"), tuned["overrides"] + [
+        "families.unet.options={base_channels: 8, upsample: other}", "families.unet.train={lr: 0.03}"])
+    raw["families"]["unet"]["options"]["upsample"] = "transposed" if best["options"]["upsample"] != "transposed" else "bilinear"
+    target = work / "apply2" / "params.yaml"
+    target.parent.mkdir()
+    target.write_text(yaml.safe_dump(raw, sort_keys=False))
+    before = load_params(target)
+    proc = run_cli("tune", "--apply", "--family", "unet", "-p", str(target), cwd=target.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("->") == 1 and "families.unet.options.upsample:" in proc.stdout, proc.stdout
+    applied = load_params(target)
+    assert applied.families["unet"].options == {"base_channels": 8, "upsample": best["options"]["upsample"]}
+    assert applied.families["unet"].train == {"lr": 0.03} and applied.train == before.train
+    assert {f: v for f, v in applied.families.items() if f != "unet"} == {f: v for f, v in before.families.items() if f != "unet"}
+
+    summary = train(applied, "unet", progress=False)
+    c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    params = c.get_run(summary["mlflow_run_id"]).data.params
+    assert params["model"] == "unet" and params["model_options.upsample"] == best["options"]["upsample"]
+    assert params["model_options.base_channels"] == "8"
+    assert params["train.lr"] == "0.03"  # the family's own train block, merged over the shared one
+    trial = c.get_run(best["mlflow_run_id"]).data.params
+    assert int(trial["ray.num_workers"]) * int(trial["train.batch_size"]) == 8
+    assert int(params["ray.num_workers"]) * int(params["train.batch_size"]) == 8
+    assert (params["ray.num_workers"], trial["ray.num_workers"]) == ("2", "1")
+
+
+def test_apply_writes_searched_entries_into_the_family_block(tmp_path):
+    """A DeepLabV3 tune that searched lr and aspp+atrous_rates and found cascade: lr goes to
+    families.deeplabv3.train (not the shared train block, which every family uses), atrous_rates (n/a
+    for cascade) is removed, backbone_weights and the rest are kept; no Ray needed."""
+    target = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", target)
+    reports = tmp_path / "reports"
+    (reports / "tune" / "deeplabv3").mkdir(parents=True)
+    (reports / "tune" / "deeplabv3" / "best_config.json").write_text(json.dumps({
+        "family": "deeplabv3", "model": "deeplabv3_resnet50",
+        "options": {"aspp": "cascade", "output_stride": 16, "aux_loss": True},
+        "train": {"lr": 0.0123}, "values": {"aspp": "cascade", "atrous_rates": None, "output_stride": 16, "lr": 0.0123},
+        "val_mIoU": 0.5, "epochs": 2, "trial_id": "t1", "mlflow_run_id": "r", "mlflow_parent_run_id": "p"}))
+    before = load_params(target)
+    text_before = target.read_text()
+    proc = run_cli("tune", "--apply", "--family", "deeplabv3", "-p", str(target), "-S", f"train.reports_dir={reports}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    applied = load_params(target)
+    fam = applied.families["deeplabv3"]
+    assert fam.model == "deeplabv3_resnet50" and fam.train == {"lr": 0.0123}
+    assert fam.options == {**{k: v for k, v in before.families["deeplabv3"].options.items() if k != "atrous_rates"},
+                           "aspp": "cascade", "output_stride": 16}
+    assert fam.options["backbone_weights"] == "weights/resnet50-0676ba61.pth"
+    assert applied.train == before.train  # the shared block is untouched
+    assert {f: v for f, v in applied.families.items() if f != "deeplabv3"} == {
+        f: v for f, v in before.families.items() if f != "deeplabv3"}
+    assert "# segpipe params: the single source of every knob" in target.read_text()
+    assert len(target.read_text().splitlines()) >= len(text_before.splitlines())
 
 
 def test_bad_search_space_fails_before_any_trial(tmp_path, synthetic_shards):
@@ -200,6 +267,7 @@ def test_bad_search_space_fails_before_any_trial(tmp_path, synthetic_shards):
     ({"lr": {"choice": [0.01, -1]}}, ("tune.space.fcn.lr", "-1")),
     ({"model": "unet"}, ("tune.space.fcn.model", "not a fcn model")),
     ({"width": {"uniform": [0.1, 2.0]}}, ("tune.space.fcn.width",)),
+    ({"variant": "8s"}, ("tune.space.fcn.variant", "must tune the model that is trained", "fcn32s_vgg16")),
 ])
 def test_bad_entries_name_the_entry(space, needles, tmp_path, synthetic_shards):
     from pipeline.errors import UserError
@@ -266,3 +334,68 @@ def test_plots_heatmap_and_upsample_bars(tmp_path):
                 searched={"variant": ("grid", ["32s", "8s"]), "upsample": ("grid", ["bilinear", "unpool"])})
     assert "miou_by_upsample.png" in {p.name for p in make_plots(rows, fcn, tmp_path)}
     assert all(p.stat().st_size > 5000 for p in tmp_path.glob("*.png"))
+
+
+def test_family_train_block_schema_and_trial_batch(tmp_path, synthetic_shards):
+    """families.<f>.train takes train keys (validated) but not the shared bookkeeping ones; a trial
+    trains with the family's block at the training run's global batch."""
+    from pipeline.config import ParamsError
+    from pipeline.errors import UserError
+    from pipeline.tune import resolve_space, trial_params
+
+    base = tune_overrides(synthetic_shards, tmp_path)
+    for bad, needle in (("{models_dir: x}", "models_dir: not a per-family train setting"),
+                        ("{lr: -1}", "lr"), ("{learning_rate: 0.1}", "learning_rate")):
+        with pytest.raises(ParamsError) as err:
+            load_params(ROOT / "params.yaml", base + [f"families.unet.train={bad}"])
+        assert needle in str(err.value) and "families.unet.train" in str(err.value), str(err.value)
+    p = load_params(ROOT / "params.yaml", base + ["families.unet.train={lr: 0.03, weight_decay: 0.0}"])
+    space = resolve_space(p, "unet")
+    t = trial_params(p, space, {"upsample": "bilinear"})
+    assert (t.train.lr, t.train.weight_decay, t.train.batch_size, t.ray.num_workers) == (0.03, 0.0, 8, 1)
+    assert t.families["unet"].train == {} and t.families["unet"].options["upsample"] == "bilinear"
+    p3 = load_params(ROOT / "params.yaml", base + ["tune.num_workers=3"])
+    with pytest.raises(UserError, match="global batch .* tune.num_workers=3"):
+        resolve_space(p3, "unet")
+
+
+def test_tune_split_is_carved_from_train_and_trials_select_on_it(tmp_path, params_file):
+    """data.tune_split: preprocess writes the ids with the smallest sha256 (or the listed ids) as their own
+    `tune` split (rows copied from train, which stays whole for the final training); trials train on
+    train-tune and select on tune, never on val."""
+    import hashlib
+
+    from pipeline.data import ShardDataset, load_manifest
+    from pipeline.errors import UserError
+    from pipeline.fetch import fetch
+    from pipeline.preprocess import preprocess
+    from pipeline.tune import trial_splits
+    from tests.conftest import tree_snapshot
+
+    d = tmp_path / "data"
+    opts = [f"data.dir={d}", "data.source=synthetic", "data.synthetic.train_count=12", "data.synthetic.val_count=3",
+            "data.synthetic.size=32", "data.row_group_rows=5"]
+    fetch(load_params(params_file, opts), progress=False)
+    m = preprocess(load_params(params_file, opts + ["data.tune_split=0.25"]), progress=False)
+    assert (m["splits"]["train"]["count"], m["splits"]["tune"]["count"], m["splits"]["val"]["count"]) == (12, 3, 3)
+    ids = lambda split: [ShardDataset(d, split).raw(i)[0] for i in range(len(ShardDataset(d, split)))]  # noqa: E731
+    train, tune = ids("train"), ids("tune")
+    assert sorted(tune) == sorted(sorted(train, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:3])
+    rest = ids("train-tune")
+    assert sorted(rest + tune) == sorted(train) and not set(rest) & set(tune)
+    assert ShardDataset(d, "tune").raw(0)[1:] == ShardDataset(d, "train").raw(train.index(tune[0]))[1:]  # same bytes
+    assert trial_splits(load_params(params_file, opts)) == {"train_split": "train-tune", "val_split": "tune"}
+    # an id list; an id that is not a train id fails before anything is written
+    m = preprocess(load_params(params_file, opts + [f"data.tune_split={json.dumps(train[:2])}"]), progress=False)
+    assert m["splits"]["tune"]["count"] == 2 and sorted(ids("tune")) == sorted(train[:2])
+    before = tree_snapshot(d / "shards")
+    with pytest.raises(UserError, match="not train ids: nope"):
+        preprocess(load_params(params_file, opts + ['data.tune_split=["nope"]']), progress=False)
+    assert tree_snapshot(d / "shards") == before
+    # no tune split: trials fall back to val (and say so in their eval_split tag)
+    preprocess(load_params(params_file, opts + ["data.tune_split=0"]), progress=False)
+    assert "tune" not in load_manifest(d)["splits"]
+    assert trial_splits(load_params(params_file, opts)) == {"train_split": "train", "val_split": "val"}
+    for bad in ("data.tune_split=0.9", "data.tune_split=[1, 2]"):
+        with pytest.raises(UserError, match="data.tune_split"):
+            load_params(params_file, opts + [bad])
