@@ -83,24 +83,18 @@ def _registry_run_id(uri: str, model_uri: str) -> str | None:
 
 def load_model(spec: str, p: Params, device) -> tuple[object, int | None, str]:
     """(eval-mode model on device, eval size of its run or None, description)."""
-    from pipeline.tracking import fluent_uri, resolve_tracking_uri
+    from pipeline.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(p.mlflow.tracking_uri)
     if spec.startswith(("models:/", "runs:/")):
         if not _store_exists(uri):
             raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}: cannot resolve {spec} (mlflow.tracking_uri)")
-        import mlflow.pytorch
-        from mlflow.exceptions import MlflowException
-
-        try:
-            with fluent_uri(uri):
-                model = mlflow.pytorch.load_model(spec, map_location=device)
-        except MlflowException as exc:
-            msg = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0][:200]
-            raise UserError(f"cannot load {spec} from {uri}: {msg}; `segpipe report` registers "
-                            "segpipe-<family>@best (--model)") from None
         run_id = _registry_run_id(uri, spec) if spec.startswith("models:/") else spec[len("runs:/"):].split("/")[0]
-        return model.to(device).eval(), _run_eval_size(uri, run_id), spec
+        if not run_id:
+            raise UserError(f"cannot resolve {spec} in {uri}: no such registered model / version; `segpipe report` "
+                            "registers segpipe-<family>@best (--model)")
+        model, state = load_run_checkpoint(uri, run_id, spec)
+        return model.to(device).eval(), state.get("eval_size") or _run_eval_size(uri, run_id), spec
     path = Path(spec).expanduser()
     if not path.is_file():
         raise UserError(f"no such checkpoint: {spec} (give models/<family>-seed<N>.pt or "
@@ -115,6 +109,25 @@ def load_model(spec: str, p: Params, device) -> tuple[object, int | None, str]:
         raise UserError(f"{spec} is not a segpipe checkpoint ({exc.__class__.__name__}) (--model)") from None
     size = state.get("eval_size") or _run_eval_size(uri, state.get("mlflow_run_id"))
     return model.to(device).eval(), size, f"{spec} ({state['model_name']})"
+
+
+def load_run_checkpoint(uri: str, run_id: str, what: str):
+    """The model of a train run from its checkpoint artifact, loaded with weights_only=True (the run's
+    pickled MLflow model is never unpickled: data never runs code) -> (eval-mode model, state)."""
+    import tempfile
+
+    from pipeline.tracking import CHECKPOINT_ARTIFACT, download_checkpoint
+    from pipeline.train import load_checkpoint_model
+
+    with tempfile.TemporaryDirectory(prefix="segpipe-ckpt-") as tmp:
+        path = download_checkpoint(uri, run_id, Path(tmp))
+        if path is None:
+            raise UserError(f"{what}: run {run_id} has no '{CHECKPOINT_ARTIFACT}' artifact (a run logged before "
+                            "segpipe stored one): re-train it, or pass its models/<family>-seed<N>.pt (--model)")
+        try:
+            return load_checkpoint_model(path)
+        except UserError as exc:
+            raise UserError(f"{what}: {str(exc).replace(str(path), f'the checkpoint of run {run_id}')} (--model)") from None
 
 
 # ------------------------------------------------------------------------------------ images

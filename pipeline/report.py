@@ -339,14 +339,12 @@ def device_name(device) -> str:
     return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__.split('+')[0]})"
 
 
-def load_logged_model(uri: str, model_uri: str, device):
-    """An MLflow-logged segpipe model, eval mode, on `device`."""
-    import mlflow.pytorch
+def load_logged_model(uri: str, run_id: str, device):
+    """A train run's model from its checkpoint artifact (weights_only=True: no pickle of a module is
+    ever loaded), eval mode, on `device`."""
+    from pipeline.predict import load_run_checkpoint
 
-    from pipeline.tracking import fluent_uri
-
-    with fluent_uri(uri):
-        model = mlflow.pytorch.load_model(model_uri, map_location=device)
+    model, _ = load_run_checkpoint(uri, run_id, f"run {run_id}")
     return model.to(device).eval()
 
 
@@ -551,7 +549,7 @@ def build(p: Params, progress: bool = True) -> dict:
             g.measured = {"note": "no logged model in MLflow"}
             continue
         try:
-            model = load_logged_model(uri, f"models:/{best.model_id}", device)
+            model = load_logged_model(uri, best.run_id, device)
         except Exception as exc:  # artifacts deleted or moved: the report goes on without measurements
             g.measured = {"note": f"logged model not loadable: {exc.__class__.__name__}"}
             print(f"report: warning: {g.family}: cannot load the logged model of run {best.run_id} "

@@ -261,3 +261,21 @@ def preflight(p: Params, timeout: float | None = None) -> str:
             path = path.parent
         _check_writable_dir(uri, path, "the directory")
     return uri
+
+
+# A train run logs its <family>-seed<N>.pt (state dict + model name/options) under this artifact
+# path. predict and report load registered / logged models from it with torch.load(weights_only=True),
+# never through mlflow.pytorch.load_model (a pickle of the whole module: loading it runs code).
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+def download_checkpoint(uri: str, run_id: str, dst: Path) -> Path | None:
+    """The run's checkpoint artifact, downloaded into dst; None when the run has none."""
+    c = client(uri)
+    try:
+        names = [a.path for a in c.list_artifacts(run_id, CHECKPOINT_ARTIFACT) if a.path.endswith(".pt")]
+    except Exception:
+        return None
+    if not names:
+        return None
+    return Path(c.download_artifacts(run_id, names[0], str(dst)))

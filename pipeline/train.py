@@ -553,6 +553,7 @@ def finish(job: Job, result, seconds: float) -> dict:
         for f in tmp.iterdir():
             c.log_artifact(job.run_id, str(f))
         c.log_artifact(job.run_id, str(metrics_dir / f"{stem}_epochs.csv"))
+        c.log_artifact(job.run_id, str(out_model), artifact_path=tracking.CHECKPOINT_ARTIFACT)  # what predict/report load
         with tracking.fluent_uri(job.tracking_uri), mlflow.start_run(run_id=job.run_id):
             example = torch.zeros(1, 3, p.train.eval_size, p.train.eval_size)
             with torch.no_grad():

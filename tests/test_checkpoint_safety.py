@@ -108,3 +108,27 @@ def test_a_non_torch_file_is_not_called_malicious(tmp_path):
     with pytest.raises(UserError, match="is not a segpipe checkpoint") as exc:
         load_state(tmp_path / "x.jpg")
     assert "refusing" not in str(exc.value)
+
+
+def test_predict_from_the_tracking_store_never_unpickles_code(tmp_path):
+    """`--model runs:/…` / `models:/…` load the run's checkpoint artifact with weights_only=True, not the
+    pickled MLflow model: a crafted checkpoint logged to a run is refused and its payload never runs."""
+    from PIL import Image
+
+    from pipeline.tracking import CHECKPOINT_ARTIFACT, client
+
+    marker = tmp_path / "pwned"
+    _evil_checkpoint(tmp_path / "ckpt" / "unet-seed0.pt", marker)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    exp = c.create_experiment("x", artifact_location=(tmp_path / "mlruns").as_uri())
+    run = c.create_run(exp).info.run_id
+    c.log_artifact(run, str(tmp_path / "ckpt" / "unet-seed0.pt"), artifact_path=CHECKPOINT_ARTIFACT)
+    image = tmp_path / "x.jpg"
+    Image.new("RGB", (32, 32)).save(image)
+    proc = run_cli("predict", "-p", str(ROOT / "params.yaml"), "--model", f"runs:/{run}/model", str(image),
+                   "--out", str(tmp_path / "out"), "--device", "cpu", "-S", f"mlflow.tracking_uri={uri}", cwd=tmp_path)
+    assert_user_error(proc, "refusing to load", f"the checkpoint of run {run}", "--model")
+    assert not marker.exists(), "the checkpoint's payload ran"
+    assert not (tmp_path / "out").exists()
+    assert "segpipe-ckpt-" not in proc.stderr  # no temp path in the message
