@@ -86,6 +86,21 @@ def compare_url(base: str, exp_id: str, stage: str = "train") -> str:
     return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{query}"
 
 
+def data_tags(data_dir) -> dict[str, str]:
+    """Which train list the shards hold (manifest.json): data_train_list = train_aug (the recipe's
+    10,582 images) or train (VOC's 1,464), data_train_images = its count. Empty without shards."""
+    import json
+
+    try:
+        m = json.loads((Path(data_dir) / "shards" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(m, dict) or "splits" not in m:
+        return {}
+    return {"data_train_list": str(m.get("train_list", "train")),
+            "data_train_images": str(m["splits"].get("train", {}).get("count", 0))}
+
+
 def start_run(uri: str, p: Params, *, family: str, model: str, options: dict, stage: str,
               run_name: str | None = None, parent_run_id: str | None = None, extra_tags: dict | None = None) -> str:
     """Create a run with the DESIGN.md tags and every param flattened; returns its id."""
@@ -94,6 +109,7 @@ def start_run(uri: str, p: Params, *, family: str, model: str, options: dict, st
     c = client(uri)
     tags = {"family": family, "model": model, "seed": str(p.seed), "data_source": str(p.data.source),
             "git_commit": git_commit(), "stage": stage, "profile": p.profile, **(extra_tags or {})}
+    tags.update(data_tags(p.data.dir))
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(c, p.mlflow.experiment), run_name=run_name or f"{family}-{model}-{p.seed}", tags=tags)
