@@ -89,6 +89,9 @@ def load_model(spec: str, p: Params, device) -> tuple[object, int | None, str]:
     if spec.startswith(("models:/", "runs:/")):
         if not _store_exists(uri):
             raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}: cannot resolve {spec} (mlflow.tracking_uri)")
+        from pipeline.tracking import rehome_store
+
+        rehome_store(uri)  # a moved checkout: the store's artifact locations follow it
         import mlflow.pytorch
         from mlflow.exceptions import MlflowException
 
