@@ -59,6 +59,9 @@ class SyntheticParams(_Strict):
 
 class DataParams(_Strict):
     source: str = Field("voc2012_aug", description="sample | synthetic | voc2012 | voc2012_aug | a VOC tar | a dir with VOCdevkit/")
+    sbd_source: str = Field("", description="a local SBD (benchmark.tgz, or its extracted dir) or a "
+                            "SegmentationClassAug folder: with a VOC source, fetch builds train_aug from it "
+                            "(voc2012_aug then downloads no SBD); empty: SBD only via data.sbd_url for voc2012_aug")
     dir: str = Field("data", description="working data directory: raw/ and shards/ live under it")
     voc_url: str = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
     voc_md5: str = "6cd6e144f989b92b3379bac3b3de84fd"
@@ -88,6 +91,14 @@ class DataParams(_Strict):
                 raise ValueError("an id list holds non-empty image ids")
         elif not 0 <= v <= 0.5:
             raise ValueError(f"a fraction of train must be in [0, 0.5], got {v}")
+        return v
+
+    @field_validator("sbd_source")
+    @classmethod
+    def _sbd_source(cls, v: str) -> str:
+        if v and not Path(v).expanduser().exists():
+            raise ValueError(f"{v!r} not found: a local SBD (benchmark.tgz or its extracted dir) or a "
+                             "SegmentationClassAug folder, or empty")
         return v
 
     @field_validator("source")

@@ -14,6 +14,7 @@ where the VOC root is and which id lists make each split.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -34,19 +35,142 @@ def _check_splits(voc_root: Path, splits: dict[str, str]) -> None:
             raise UserError(f"{voc_root / rel} is missing: the dataset has no {split!r} split list (data.source)")
 
 
+TRAIN_AUG = "ImageSets/Segmentation/train_aug.txt"
+
+
+def _sbd_kind(src: Path) -> str:
+    """What data.sbd_source names: an SBD archive ("tar"), an extracted SBD ("sbd": a dir holding
+    cls/*.mat somewhere below, e.g. benchmark_RELEASE/dataset) or a SegmentationClassAug folder
+    ("aug": the pre-converted one-channel PNG masks)."""
+    if src.is_file():
+        return "tar"
+    if not src.is_dir():
+        raise UserError(f"{src} not found (data.sbd_source)")
+    for cand in (src, src / "dataset", src / "benchmark_RELEASE" / "dataset"):
+        if (cand / "cls").is_dir():
+            return "sbd"
+    if any(src.glob("*.png")) or (src / "SegmentationClassAug").is_dir():
+        return "aug"
+    raise UserError(f"{src} is neither SBD (benchmark.tgz, or a dir holding dataset/cls/*.mat) nor a "
+                    "SegmentationClassAug folder of PNG masks (data.sbd_source)")
+
+
+def _sbd_dataset_dir(root: Path, what: str) -> Path:
+    for cand in (root, root / "dataset", root / "benchmark_RELEASE" / "dataset"):
+        if (cand / "cls").is_dir():
+            return cand
+    found = next((d for d in sorted(root.rglob("cls")) if d.is_dir()), None)
+    if found is None:
+        raise UserError(f"{what} has no SBD layout (dataset/cls/*.mat) (data.sbd_source / data.sbd_url)")
+    return found.parent
+
+
+def _aug_ids(path: Path) -> list[str]:
+    """The ids of a train_aug list: plain ids, or the widely shared `/JPEGImages/<id>.jpg
+    /SegmentationClassAug/<id>.png` pairs (the id is the first word's file stem); every id is
+    checked against the VOC id grammar (pipeline.voc.ID_PATTERN)."""
+    from pipeline.voc import ID_PATTERN
+
+    ids = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        words = line.split()
+        if not words:
+            continue
+        word = words[0]
+        pair = re.fullmatch(r"/?(?:JPEGImages/(.+)\.jpg|SegmentationClassAug/(.+)\.png)", word)
+        sid = (pair.group(1) or pair.group(2)) if pair else word
+        if not ID_PATTERN.fullmatch(sid):
+            shown = word if len(word) <= 60 else word[:57] + "..."
+            raise UserError(f"{path} line {n}: bad image id {shown!r} (data.sbd_source)")
+        ids.append(sid)
+    return ids
+
+
+def _shadow_voc(voc_root: Path, new_raw: Path) -> Path:
+    """A writable VOC root in new_raw for a VOC dir read in place: symlinks to its images and masks,
+    copies of its id lists (train_aug is built here; the user's dataset is never written)."""
+    shadow = new_raw / "VOCdevkit" / "VOC2012"
+    for sub, pattern in (("JPEGImages", "*.jpg"), ("SegmentationClass", "*.png")):
+        (shadow / sub).mkdir(parents=True)
+        for f in (voc_root / sub).glob(pattern):
+            (shadow / sub / f.name).symlink_to(f.resolve())
+    sets = shadow / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    for f in (voc_root / "ImageSets" / "Segmentation").glob("*.txt"):
+        shutil.copyfile(f, sets / f.name)
+    return shadow
+
+
+def _add_aug(p: Params, new_raw: Path, voc_root: Path, in_place: bool, progress: bool,
+             downloads: Path) -> dict:
+    """train_aug from SBD (data.sbd_source, else the data.sbd_url download) or from a
+    SegmentationClassAug folder. Returns the RawLayout fields that change."""
+    from pipeline.sbd import build_train_aug, read_ids
+
+    limits = ExtractLimits.from_params(p.data)
+    local = p.data.sbd_source
+    kind = _sbd_kind(Path(local).expanduser()) if local else "download"
+    sets = voc_root / "ImageSets" / "Segmentation"
+    if kind == "aug":
+        aug = Path(local).expanduser().resolve()
+        if (aug / "SegmentationClassAug").is_dir():
+            aug = aug / "SegmentationClassAug"
+        masks = {f.stem for f in aug.glob("*.png")}
+        val = read_ids(sets / "val.txt")
+        lists = [aug / "train_aug.txt", aug.parent / "train_aug.txt", sets / "train_aug.txt"]
+        lst = next((f for f in lists if f.is_file()), None)
+        # no list: every mask of the folder but VOC val (12,031 - 1,449 = 10,582 on the real folder)
+        ids = _aug_ids(lst) if lst else sorted(masks - set(val))
+        ids = sorted(set(ids) - set(val))
+        missing = [i for i in ids if i not in masks]
+        if missing:
+            raise UserError(f"{aug} has no mask for {len(missing)} train_aug id(s), e.g. {missing[0]} "
+                            "(data.sbd_source)")
+        if in_place:  # the user's VOC dir stays untouched: the list goes into a shadow root in raw/
+            voc_root = _shadow_voc(voc_root, new_raw)
+        (voc_root / TRAIN_AUG).write_text("".join(f"{i}\n" for i in ids))
+        return {"splits_train": TRAIN_AUG, "mask_dirs": {"train": str(aug)}, "voc_root": voc_root,
+                "train_from": f"SegmentationClassAug {aug}"}
+
+    if kind == "sbd":
+        sbd_root = _sbd_dataset_dir(Path(local).expanduser().resolve(), local)
+        what = local
+    else:
+        if kind == "tar":
+            sbd_tar = Path(local).expanduser()
+        else:
+            url = p.data.sbd_url
+            sbd_tar = download(url, downloads / Path(url).name, md5=p.data.sbd_md5,
+                               timeout=p.data.download_timeout_s, progress=progress)
+        safe_extract(sbd_tar, new_raw / "sbd", progress=progress, limits=limits)
+        sbd_root, what = _sbd_dataset_dir(new_raw / "sbd", str(sbd_tar)), str(sbd_tar)
+    if in_place:
+        voc_root = _shadow_voc(voc_root, new_raw)
+    build_train_aug(sbd_root, voc_root, progress=progress)
+    if (new_raw / "sbd").exists():
+        shutil.rmtree(new_raw / "sbd")  # the converted PNGs now live in the VOC root
+    return {"splits_train": TRAIN_AUG, "mask_dir": "SegmentationClassAug", "voc_root": voc_root,
+            "train_from": f"SBD {what}"}
+
+
 def _fetch_into(p: Params, new_raw: Path, progress: bool) -> RawLayout:
     src = p.data.source
     data_dir = Path(p.data.dir)
     downloads = data_dir / "downloads"
     splits = {"train": "ImageSets/Segmentation/train.txt", "val": "ImageSets/Segmentation/val.txt"}
+    want_aug = src == "voc2012_aug" or bool(p.data.sbd_source)
 
     if src == "synthetic":
+        if p.data.sbd_source:
+            raise UserError("data.sbd_source adds SBD to a VOC source; data.source=synthetic has none "
+                            "(data.sbd_source)")
         from pipeline.synthetic import generate
 
         generate(new_raw / "VOCdevkit" / "VOC2012", p.data.synthetic, progress=progress)
         return RawLayout(source=src, voc_root="VOCdevkit/VOC2012", splits=splits)
 
-    if src in ("sample", "voc2012", "voc2012_aug") or Path(src).is_file():
+    in_place = not (src in ("sample", "voc2012", "voc2012_aug") or Path(src).is_file())
+    if not in_place:
         if src == "sample":
             archive = SAMPLE_TAR
             if not archive.is_file():
@@ -60,27 +184,24 @@ def _fetch_into(p: Params, new_raw: Path, progress: bool) -> RawLayout:
         limits = ExtractLimits.from_params(p.data)
         safe_extract(archive, new_raw, progress=progress, limits=limits)
         voc_root = find_voc_root(new_raw)
-        if src == "voc2012_aug":
-            from pipeline.sbd import build_train_aug
-
-            url = p.data.sbd_url
-            sbd_tar = download(url, downloads / Path(url).name, md5=p.data.sbd_md5,
-                               timeout=p.data.download_timeout_s, progress=progress)
-            safe_extract(sbd_tar, new_raw / "sbd", progress=progress, limits=limits)
-            sbd_root = next((d for d in (new_raw / "sbd").rglob("cls") if d.is_dir()), None)
-            if sbd_root is None:
-                raise UserError(f"{sbd_tar} has no SBD layout (dataset/cls/*.mat) (data.sbd_url)")
-            build_train_aug(sbd_root.parent, voc_root, progress=progress)
-            shutil.rmtree(new_raw / "sbd")  # the converted PNGs now live in the VOC root
-            splits["train"] = "ImageSets/Segmentation/train_aug.txt"
-        # the root is stored relative to raw/ so the directory can be moved into place
-        rel = str(voc_root.relative_to(new_raw.resolve()))
-        mask_dir = "SegmentationClassAug" if src == "voc2012_aug" else "SegmentationClass"
-        return RawLayout(source=src, voc_root=rel, splits=splits, mask_dir=mask_dir)
-
-    # a directory holding VOCdevkit/: read in place
-    voc_root = find_voc_root(Path(src).expanduser())  # absolute
-    return RawLayout(source=src, voc_root=str(voc_root), splits=splits)
+    else:  # a directory holding VOCdevkit/: read in place
+        voc_root = find_voc_root(Path(src).expanduser())  # absolute
+    extra: dict = {}
+    train_from = "VOC train.txt"
+    if want_aug:
+        _check_splits(voc_root, {"val": splits["val"]})
+        aug = _add_aug(p, new_raw, voc_root, in_place, progress, downloads)
+        voc_root = aug.get("voc_root", voc_root)
+        splits["train"] = aug["splits_train"]
+        if "mask_dir" in aug:
+            extra["mask_dir"] = aug["mask_dir"]
+        if "mask_dirs" in aug:
+            extra["mask_dirs"] = aug["mask_dirs"]
+        train_from = aug["train_from"]
+    # the root is stored relative to raw/ so the directory can be moved into place
+    resolved = voc_root.resolve()
+    rel = str(resolved.relative_to(new_raw.resolve())) if resolved.is_relative_to(new_raw.resolve()) else str(resolved)
+    return RawLayout(source=src, voc_root=rel, splits=splits, train_from=train_from, **extra)
 
 
 def _relabel(msg: str, new_raw: Path, label: str) -> str:
@@ -171,4 +292,5 @@ def run(p: Params, args) -> int:
     root = layout.root(Path(p.data.dir) / "raw")
     counts = {s: sum(1 for line in (root / rel).read_text().split() if line) for s, rel in layout.splits.items()}
     print(f"fetched {layout.source}: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" -> {root}")
+    print(f"train list: {Path(layout.splits['train']).stem} (from {layout.train_from})")
     return 0

@@ -89,6 +89,9 @@ def load_model(spec: str, p: Params, device) -> tuple[object, int | None, str]:
     if spec.startswith(("models:/", "runs:/")):
         if not _store_exists(uri):
             raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}: cannot resolve {spec} (mlflow.tracking_uri)")
+        from pipeline.tracking import rehome_store
+
+        rehome_store(uri)  # a moved checkout: the store's artifact locations follow it
         run_id = _registry_run_id(uri, spec) if spec.startswith("models:/") else spec[len("runs:/"):].split("/")[0]
         if not run_id:
             raise UserError(f"cannot resolve {spec} in {uri}: no such registered model / version; `segpipe report` "

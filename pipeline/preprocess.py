@@ -192,7 +192,7 @@ def _preprocess(p: Params, progress: bool = True) -> dict:
         if not list_file.is_file():
             raise UserError(f"split list {list_file} is missing: re-run `segpipe fetch` (data.dir)")
         jobs[split] = [
-            (split, sid, str(voc_root / layout.image_dir / f"{sid}.jpg"), str(voc_root / layout.mask_dir / f"{sid}.png"))
+            (split, sid, str(voc_root / layout.image_dir / f"{sid}.jpg"), str(voc_root / layout.masks(split) / f"{sid}.png"))
             for sid in _read_ids(list_file)
         ]
         if not jobs[split]:
@@ -208,7 +208,9 @@ def _preprocess(p: Params, progress: bool = True) -> dict:
     workers = p.data.workers or os.cpu_count() or 1
     total = sum(len(j) for j in jobs.values())
     errors: list[str] = []
-    manifest: dict = {"version": MANIFEST_VERSION, "source": layout.source, "splits": {}, "shards": {}}
+    manifest: dict = {"version": MANIFEST_VERSION, "source": layout.source, "splits": {}, "shards": {},
+                      # which list the train split is (train_aug = VOC train + SBD, the recipe's data)
+                      "train_list": Path(layout.splits.get("train", "")).stem, "train_from": layout.train_from}
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         with tqdm(total=total, desc="preprocess", unit="img", disable=not progress) as bar:
@@ -248,9 +250,20 @@ def _preprocess(p: Params, progress: bool = True) -> dict:
     return manifest
 
 
+def train_split_line(manifest: dict) -> str:
+    """Which train list the shards hold, in one line (printed by fetch/preprocess)."""
+    lst, n = manifest.get("train_list", "train"), manifest["splits"].get("train", {}).get("count", 0)
+    line = f"train split: {lst} ({n} images, from {manifest.get('train_from', 'VOC train.txt')})"
+    if lst == "train" and manifest.get("source") not in ("synthetic", "sample"):
+        line += ("; the recipe trains on train_aug (10,582): set data.sbd_source to a local SBD "
+                 "(benchmark.tgz or its dir) or a SegmentationClassAug folder")
+    return line
+
+
 def run(p: Params, args) -> int:
     manifest = preprocess(p, progress=not getattr(args, "quiet", False))
     counts = ", ".join(f"{info['count']} {split}" for split, info in manifest["splits"].items())
     print(f"preprocessed {manifest['source']}: {counts} in {len(manifest['shards'])} shard(s) -> "
           f"{Path(p.data.dir) / 'shards'}")
+    print(train_split_line(manifest))
     return 0

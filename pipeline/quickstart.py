@@ -107,7 +107,7 @@ def run(_params, args) -> int:
 
 def summary_table(p) -> str:
     """The final val metrics of every family x seed, from the train stage's
-    reports/metrics/<family>-seed<N>.json."""
+    reports/metrics/<family>-seed<N>.json (+ _detail.json for the model name)."""
     rows = [f"{'family':<10} {'seed':>4} {'model':<30} {'val mIoU':>8} {'pixel acc':>9} {'train s':>8}"]
     for fam in p.families:
         for seed in p.seeds:
@@ -116,7 +116,10 @@ def summary_table(p) -> str:
                 rows.append(f"{fam:<10} {seed:>4} (not trained: {path} missing)")
                 continue
             m = json.loads(path.read_text())
-            rows.append(f"{fam:<10} {seed:>4} {m['model']:<30} {m.get('mIoU', float('nan')):>8.3f} "
+            detail = path.with_name(f"{fam}-seed{seed}_detail.json")  # ids and strings live beside the metric
+            if detail.is_file():
+                m = {**json.loads(detail.read_text()), **m}
+            rows.append(f"{fam:<10} {seed:>4} {m.get('model', '?'):<30} {m.get('mIoU', float('nan')):>8.3f} "
                         f"{m.get('pixel_acc', float('nan')):>9.3f} {m.get('train_seconds', 0):>8.0f}")
     report = Path(p.train.reports_dir) / "comparison.md"
     if report.is_file():

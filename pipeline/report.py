@@ -531,6 +531,9 @@ def build(p: Params, progress: bool = True) -> dict:
                         f"{sorted(p.families)} with seeds {p.seeds} on data.source={p.data.source}: "
                         "run `dvc repro` or `segpipe train --family <name> --seed <n>` first")
     groups = load_records(c, exp.experiment_id, chosen, p)
+    from pipeline.tracking import mark_in_report
+
+    mark_in_report(c, exp.experiment_id, [r.info.run_id for r in chosen.values()])  # UI: tags.in_report = '1'
     missing = [f"{fam} seed {s}" for fam in p.families for s in p.seeds if (fam, s) not in chosen]
     say(f"report: {len(chosen)} runs ({len(groups)} families × seeds {p.seeds}) from {uri}")
 

@@ -76,6 +76,72 @@ def experiment_id(c, name: str) -> str:
     return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
+# columns that hold artifact locations (MLflow 3 schema); a table or column a store lacks is skipped
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"))
+
+
+def rehome_store(uri: str, timeout: float = 10.0) -> int:
+    """Let a sqlite store move with its checkout. MLflow stores artifact locations absolute (it
+    resolves a relative one when the experiment is created), so experiment_id() roots them at
+    <db dir>/mlruns; when the store is found elsewhere (the checkout was moved or copied), every
+    location under the old <...>/mlruns root is rewritten to this db's mlruns/ (experiments, runs,
+    logged models, model versions: artifacts and models:/ URIs resolve again). Locations not under a
+    .../mlruns root (s3:, another directory) are left alone. Returns the rows changed."""
+    import sqlite3
+
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return 0
+    path = Path(uri[len("sqlite:///"):])
+    if not path.is_file():
+        return 0
+    new_dir = (path.resolve().parent / "mlruns")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout)
+    except sqlite3.Error:
+        return 0
+    changed = 0
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "experiments" not in tables:
+            return 0
+        roots = set()
+        for (loc,) in con.execute("SELECT artifact_location FROM experiments"):
+            if not loc or "/mlruns" not in loc:
+                continue
+            cut = loc.rfind("/mlruns")
+            rest = loc[cut + len("/mlruns"):]
+            if rest and not rest.startswith("/"):
+                continue
+            old = loc[:cut + len("/mlruns")]
+            if old.startswith("file://"):
+                new = new_dir.as_uri()
+            elif old.startswith("/"):
+                new = str(new_dir)
+            else:
+                continue  # s3:, mlflow-artifacts:, ...: not a local root
+            if old != new:
+                roots.add((old, new))
+        if not roots:
+            return 0
+        with con:  # one transaction
+            for table, col in _LOCATION_COLUMNS:
+                if table not in tables or col not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
+                    continue
+                for old, new in roots:
+                    cur = con.execute(
+                        f"UPDATE {table} SET {col} = ? || substr({col}, ?) "
+                        f"WHERE {col} = ? OR substr({col}, 1, ?) = ?",
+                        (new, len(old) + 1, old, len(old) + 1, old + "/"))
+                    changed += cur.rowcount
+    except sqlite3.Error:
+        return changed
+    finally:
+        con.close()
+    return changed
+
+
 def compare_url(base: str, exp_id: str, stage: str = "train") -> str:
     """The experiment's runs in the UI's model-training view, chart mode, filtered to one stage:
     where a user compares the families (MLflow 3 needs workflowType=machine_learning)."""
@@ -86,6 +152,21 @@ def compare_url(base: str, exp_id: str, stage: str = "train") -> str:
     return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{query}"
 
 
+def data_tags(data_dir) -> dict[str, str]:
+    """Which train list the shards hold (manifest.json): data_train_list = train_aug (the recipe's
+    10,582 images) or train (VOC's 1,464), data_train_images = its count. Empty without shards."""
+    import json
+
+    try:
+        m = json.loads((Path(data_dir) / "shards" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(m, dict) or "splits" not in m:
+        return {}
+    return {"data_train_list": str(m.get("train_list", "train")),
+            "data_train_images": str(m["splits"].get("train", {}).get("count", 0))}
+
+
 def start_run(uri: str, p: Params, *, family: str, model: str, options: dict, stage: str,
               run_name: str | None = None, parent_run_id: str | None = None, extra_tags: dict | None = None) -> str:
     """Create a run with the DESIGN.md tags and every param flattened; returns its id."""
@@ -94,6 +175,7 @@ def start_run(uri: str, p: Params, *, family: str, model: str, options: dict, st
     c = client(uri)
     tags = {"family": family, "model": model, "seed": str(p.seed), "data_source": str(p.data.source),
             "git_commit": git_commit(), "stage": stage, "profile": p.profile, **(extra_tags or {})}
+    tags.update(data_tags(p.data.dir))
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(c, p.mlflow.experiment), run_name=run_name or f"{family}-{model}-{p.seed}", tags=tags)
@@ -112,6 +194,26 @@ def start_run(uri: str, p: Params, *, family: str, model: str, options: dict, st
     for i in range(0, len(params), 100):
         c.log_batch(run.info.run_id, params=params[i:i + 100])
     return run.info.run_id
+
+
+IN_REPORT_TAG = "in_report"  # `segpipe report` keeps it on exactly the runs it averaged: UI filter tags.in_report = '1'
+
+
+def mark_in_report(c, experiment_id: str, run_ids) -> None:
+    """Tag the runs the report used with in_report=1 and take the tag off every other run of the
+    experiment, so the UI filter `tags.in_report = '1'` selects exactly the report's runs."""
+    keep = set(run_ids)
+    page = None
+    while True:
+        res = c.search_runs([experiment_id], f"tags.{IN_REPORT_TAG} = '1'", max_results=1000, page_token=page)
+        for r in res:
+            if r.info.run_id not in keep:
+                c.delete_tag(r.info.run_id, IN_REPORT_TAG)
+        page = res.token
+        if not page:
+            break
+    for rid in sorted(keep):
+        c.set_tag(rid, IN_REPORT_TAG, "1")
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
@@ -193,6 +295,7 @@ def _preflight_sqlite(uri: str, timeout: float) -> None:
     except sqlite3.Error as exc:
         raise _store_error(uri, f"is not writable ({exc})", ": fix permissions or the file system, or "
                                                             "point it elsewhere") from None
+    rehome_store(uri, timeout)  # a moved checkout: artifact locations follow the db
 
 
 def _preflight_http(uri: str, experiment: str, timeout: float) -> None:

@@ -530,7 +530,15 @@ def finish(job: Job, result, seconds: float) -> dict:
                **{k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("val/") and not k.startswith("val/iou/")},
                # classes absent from target and prediction have no IoU (NaN): left out, so the file is valid JSON
                "per_class_iou": {k.split("/")[-1]: v for k, v in final.items() if k.startswith("val/iou/") and v == v}}
-    (metrics_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    last = history.get(max(history), {}) if history else {}
+    if "train/img_per_s" in last:
+        summary["img_per_s"] = round(last["train/img_per_s"], 2)
+    # the DVC metric holds a few numbers (one `dvc exp show` column each); ids, strings and the
+    # per-class IoU go to the sibling <stem>_detail.json (not a DVC metric)
+    keys = ("mIoU", "pixel_acc", "mean_acc", "img_per_s", "train_seconds")
+    numbers = {k: summary[k] for k in keys if isinstance(summary.get(k), (int, float)) and summary[k] == summary[k]}
+    (metrics_dir / f"{stem}.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    (metrics_dir / f"{stem}_detail.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
     with open(metrics_dir / f"{stem}_epochs.csv", "w", newline="") as f:
         cols = ["epoch", "train/loss", "train/lr", "train/img_per_s", "val/mIoU", "val/pixel_acc", "val/mean_acc", "val/fwIoU"]
         w = csv.writer(f)

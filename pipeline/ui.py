@@ -130,8 +130,9 @@ def run(p: Params, args) -> int:
                         "(`dvc repro` or `segpipe train --family <name>`) (mlflow.tracking_uri)")
     if not 1 <= args.port <= 65535:
         raise UserError(f"port must be in 1..65535, got {args.port} (--port)")
-    from pipeline.tracking import compare_url
+    from pipeline.tracking import compare_url, rehome_store
 
+    rehome_store(uri)  # a moved checkout: the UI serves artifacts from this db's mlruns/
     exp_id = _experiment_id(uri, p.mlflow.experiment)
     base = f"http://{HOST}:{args.port}"
     compare = (f"  compare the families (training runs, chart view): {compare_url(base, exp_id)}" if exp_id else

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -56,6 +56,11 @@ class RawLayout:
     splits: dict[str, str]           # split -> id list file, relative to voc_root
     mask_dir: str = "SegmentationClass"
     image_dir: str = "JPEGImages"
+    mask_dirs: dict[str, str] = field(default_factory=dict)  # split -> mask folder where not mask_dir
+    train_from: str = "VOC train.txt"  # what the train list was built from (printed, in manifest.json)
+
+    def masks(self, split: str) -> str:
+        return self.mask_dirs.get(split, self.mask_dir)
 
     def save(self, raw_dir: Path) -> Path:
         raw_dir.mkdir(parents=True, exist_ok=True)

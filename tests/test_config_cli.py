@@ -95,5 +95,6 @@ def test_quickstart_profile_is_valid_over_params(params_file):
     overrides = profile_overrides("quickstart")
     p = load_params(params_file, overrides)
     assert p.data.source == "synthetic"
+    assert p.mlflow.experiment == "segpipe-quickstart"  # its own experiment, never mixed with the recipe's runs
     prof = yaml.safe_load((ROOT / "profiles" / "quickstart.yaml").read_text())
     assert len(overrides) == len(prof)

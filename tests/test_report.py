@@ -57,7 +57,9 @@ def runs(ray_local, synthetic_shards, tmp_path_factory):
     for seed in SEEDS:
         for fam in FAMILIES:
             train_run(p, argparse.Namespace(family=fam, seed=seed, quiet=True))
-            out[(fam, seed)] = json.loads((work / "reports" / "metrics" / f"{fam}-seed{seed}.json").read_text())
+            metrics = work / "reports" / "metrics"  # a few numbers + ids/strings in the _detail sibling
+            out[(fam, seed)] = {**json.loads((metrics / f"{fam}-seed{seed}_detail.json").read_text()),
+                                **json.loads((metrics / f"{fam}-seed{seed}.json").read_text())}
     return work, params, out
 
 
@@ -102,6 +104,8 @@ def test_report_numbers_are_mlflows(report):
     c, exp, mruns = _mlflow_runs(work)
     assert [f["family"] for f in js["families"]] == list(FAMILIES)
     assert js["seeds"] == list(SEEDS)
+    in_report = c.search_runs([exp.experiment_id], "tags.in_report = '1'")  # the README's UI filter
+    assert {r.info.run_id for r in in_report} == {r["run_id"] for f in js["families"] for r in f["runs"]}
     for fam_js in js["families"]:
         fam = fam_js["family"]
         rs = sorted((r for r in mruns if r.data.tags["family"] == fam), key=lambda r: int(r.data.tags["seed"]))
@@ -390,6 +394,14 @@ def test_report_averages_only_seeds_of_one_setting(tmp_path, params_file):
     chosen, left = select_runs(c, experiment_id(c, "segpipe"), p)
     assert {k: r.info.run_id for k, r in chosen.items()} == {
         ("lraspp", 0): untuned[0], ("lraspp", 1): same1, ("lraspp", 2): untuned[2], ("unet", 0): unet}
+    # the README's UI filter selects exactly the runs the report averages (report keeps the tag current)
+    from pipeline.tracking import mark_in_report
+
+    def ui_filter() -> set[str]:
+        return {r.info.run_id for r in c.search_runs([experiment_id(c, "segpipe")], "tags.in_report = '1'")}
+
+    mark_in_report(c, experiment_id(c, "segpipe"), [r.info.run_id for r in chosen.values()])
+    assert ui_filter() == {r.info.run_id for r in chosen.values()}
     text = "\n".join(left)
     assert f"lraspp seed 0 (run {tuned0[:8]})" in text and "train.lr=0.05 (averaged: 0.01)" in text
     assert f"lraspp seed 2 (run {wide2[:8]})" in text and "ray.num_workers=2 (averaged: 4)" in text
@@ -402,6 +414,8 @@ def test_report_averages_only_seeds_of_one_setting(tmp_path, params_file):
     tuned = {0: tuned0, 1: train_run(1, "train.lr=0.05"), 2: train_run(2, "train.lr=0.05")}
     chosen, left = select_runs(c, experiment_id(c, "segpipe"), p)
     assert {s: chosen[("lraspp", s)].info.run_id for s in (0, 1, 2)} == tuned
+    mark_in_report(c, experiment_id(c, "segpipe"), [r.info.run_id for r in chosen.values()])
+    assert ui_filter() == {r.info.run_id for r in chosen.values()} == set(tuned.values()) | {unet}
     assert sum("train.lr=0.01 (averaged: 0.05)" in line for line in left) == 4  # 3 untuned + the wide one
 
 

@@ -69,6 +69,12 @@ def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, t
         # DVC outputs
         out = json.loads((tmp_path / "reports" / "metrics" / f"{fam}-seed0.json").read_text())
         assert out["mIoU"] == pytest.approx(metrics["val/mIoU"])
+        # the DVC metric: a few numbers (one `dvc exp show` column each); ids and per-class IoU beside it
+        assert set(out) == {"mIoU", "pixel_acc", "mean_acc", "img_per_s", "train_seconds"}
+        assert all(isinstance(v, (int, float)) for v in out.values())
+        detail = json.loads((tmp_path / "reports" / "metrics" / f"{fam}-seed0_detail.json").read_text())
+        assert detail["mlflow_run_id"] == run.info.run_id and detail["model"] == model
+        assert detail["per_class_iou"]["background"] == pytest.approx(metrics["val/iou/background"])
         assert (tmp_path / "models" / f"{fam}-seed0.pt").stat().st_size > 0
         csv_lines = (tmp_path / "reports" / "metrics" / f"{fam}-seed0_epochs.csv").read_text().splitlines()
         assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 2
