@@ -142,13 +142,19 @@ def rehome_store(uri: str, timeout: float = 10.0) -> int:
     return changed
 
 
-def compare_url(base: str, exp_id: str, stage: str = "train") -> str:
-    """The experiment's runs in the UI's model-training view, chart mode, filtered to one stage:
+def compare_filter(c, exp_id: str) -> str:
+    """The runs the last `segpipe report` averaged (tag in_report=1), or every train run before any report."""
+    in_report = "tags.in_report = '1'"
+    return in_report if c.search_runs([exp_id], in_report, max_results=1) else "tags.stage = 'train'"
+
+
+def compare_url(base: str, exp_id: str, search_filter: str) -> str:
+    """The experiment's runs in the UI's model-training view, chart mode, filtered by `search_filter`:
     where a user compares the families (MLflow 3 needs workflowType=machine_learning)."""
     from urllib.parse import quote, urlencode
 
     query = urlencode({"workflowType": "machine_learning", "compareRunsMode": "CHART",
-                       "searchFilter": f"tags.stage = '{stage}'"}, quote_via=quote)
+                       "searchFilter": search_filter}, quote_via=quote)
     return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{query}"
 
 

@@ -130,13 +130,16 @@ def run(p: Params, args) -> int:
                         "(`dvc repro` or `segpipe train --family <name>`) (mlflow.tracking_uri)")
     if not 1 <= args.port <= 65535:
         raise UserError(f"port must be in 1..65535, got {args.port} (--port)")
-    from pipeline.tracking import compare_url, rehome_store
+    from pipeline.tracking import client, compare_filter, compare_url, rehome_store
 
     rehome_store(uri)  # a moved checkout: the UI serves artifacts from this db's mlruns/
     exp_id = _experiment_id(uri, p.mlflow.experiment)
     base = f"http://{HOST}:{args.port}"
-    compare = (f"  compare the families (training runs, chart view): {compare_url(base, exp_id)}" if exp_id else
-               f"  experiment {p.mlflow.experiment!r} has no runs yet: train first")
+    if exp_id:
+        runs = compare_filter(client(uri), exp_id)
+        compare = f"  compare the families ({runs}, chart view): {compare_url(base, exp_id, runs)}"
+    else:
+        compare = f"  experiment {p.mlflow.experiment!r} has no runs yet: train first"
     return serve(server_command(uri, args.port), host=HOST, port=args.port, timeout=args.timeout, what="MLflow UI",
                  banner=[f"  store {uri}, experiment {p.mlflow.experiment!r}", compare,
                          "  then tick the runs and click Compare (README: MLflow UI)"])

@@ -210,11 +210,11 @@ def test_ui_answers_runs_search_and_stops_by_pid(report):
         assert f"MLflow UI: http://127.0.0.1:{port}" in out, out
         assert server_pid, out
         # the printed link opens the model-training view (not MLflow 3's GenAI view), charts, train runs
-        link = re.search(r"chart view\): (\S+)", out).group(1)
+        link = re.search(r"chart view\): (\S+)", out).group(1)  # the report ran: its runs carry in_report=1
         assert link.startswith(f"http://127.0.0.1:{port}/#/experiments/{js['experiment_id']}/runs?"), link
         query = urllib.parse.parse_qs(link.split("?", 1)[1])
         assert query == {"workflowType": ["machine_learning"], "compareRunsMode": ["CHART"],
-                         "searchFilter": ["tags.stage = 'train'"]}, query
+                         "searchFilter": ["tags.in_report = '1'"]}, query
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get?experiment_id="
                                     f"{js['experiment_id']}", timeout=30) as r:
             exp_tags = {t["key"]: t["value"] for t in json.load(r)["experiment"].get("tags", [])}
