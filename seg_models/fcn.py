@@ -12,9 +12,10 @@ for every upsampling step.
 unpooled map is zero at 3 of 4 positions, which nothing would fill in), so it is a feature decoder
 (SegNet / DeconvNet style): fc7 is projected (1x1 conv-BN-ReLU) to pool5's channels, then for each of
 the five pools, deepest first, every channel is unpooled with its own indices and a 3x3 conv-BN-ReLU
-densifies it and maps it to the next shallower pool's channels. FCN-16s / 8s keep the paper's skips in
-feature space: a zero-initialised 1x1 conv of pool4 (and pool3) is added after the step that reaches
-its resolution. A 1x1 conv predicts the class scores at full resolution, after the densifying convs.
+densifies it and maps it to the next shallower pool's channels (the last one, at full resolution, to
+256). FCN-16s / 8s keep the paper's skips in feature space: a 1x1 conv of pool4 (and pool3) is added
+after the step that reaches its resolution. A 1x1 conv predicts the class scores at full resolution,
+after the densifying convs.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class FCNVGG(nn.Module):
         return {"out": fit(out, size)}
 
 
+SCORE_CHANNELS = 256  # width of the unpool decoder's last (full-resolution) stage
+
+
 class UnpoolDecoder(nn.Module):
     """FCN-Ns with ``upsample: unpool``: the feature decoder of the module docstring."""
 
@@ -89,12 +93,12 @@ class UnpoolDecoder(nn.Module):
         c = [channels[f"pool{i}"] for i in range(1, 6)]  # channels of pool1 .. pool5
         self.project = conv_bn_relu(channels["fc7"], c[4], 1)
         # stage for pool L (5..1): unpool c[L-1] channels to pool L's input size, conv to pool L-1's channels
-        self.stages = nn.ModuleList(UnpoolStage(c[level - 1], c[max(level - 2, 0)]) for level in range(5, 0, -1))
+        # the last stage is unpooled no further, so its width is free: a wide one (SCORE_CHANNELS) gives the
+        # score layer enough inputs to move the logits as fast as FCN's fc7-fed score layer does
+        outs = [c[level - 2] for level in range(5, 1, -1)] + [SCORE_CHANNELS]
+        self.stages = nn.ModuleList(UnpoolStage(c[level - 1], out) for level, out in zip(range(5, 0, -1), outs))
         self.skip = nn.ModuleDict({p: nn.Conv2d(channels[p], channels[p], 1) for p in skips})
-        for conv in self.skip.values():
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
-        self.score = nn.Conv2d(c[0], num_classes, 1)
+        self.score = nn.Conv2d(SCORE_CHANNELS, num_classes, 1)
 
     def forward(self, features: dict) -> Tensor:
         x = self.project(features["fc7"])
