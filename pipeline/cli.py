@@ -43,7 +43,10 @@ STAGES: dict[str, tuple[str, str, str]] = {
         workers), checkpoints every epoch under ray.storage_path (train.resume continues the latest
         run), logs params, per-epoch metrics, per-class IoU, confusion matrix, prediction grid and the
         model to MLflow, and writes <models_dir>/<family>-seed<N>.pt and <reports_dir>/metrics/<family>-seed<N>.json
-        (--seed N overrides `seed`; DVC's train matrix runs every family x seeds).""",
+        (--seed N overrides `seed`; DVC's train matrix runs every family x seeds). --all trains every
+        family x seed at once on the Ray cluster, each its own TorchTrainer packed by Ray's resources,
+        with the same runs and outputs (progress lines prefixed family/seedN; a failed run is named,
+        the others finish).""",
     ),
     "tune": (
         "pipeline.tune",
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", metavar="<stage>", parser_class=_Parser)
     for name, (module, short, long) in STAGES.items():
         sp = sub.add_parser(name, help=short, description=short[0].upper() + short[1:] + ".\n\n"
-                            + textwrap.fill(textwrap.dedent(long).replace("\n", " "), 96),
+                            + textwrap.fill(" ".join(long.split()), 96),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(sp)
         mod = importlib.import_module(module) if name in STAGE_ARGS else None

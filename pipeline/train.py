@@ -47,6 +47,7 @@ class Job:
     storage_path: str = ""
     ray_name: str = ""
     extra_config: dict = field(default_factory=dict)
+    label: str = ""  # progress-line prefix (train --all: <family>/seed<N>); default the family
 
 
 def add_arguments(parser) -> None:
@@ -55,6 +56,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="overrides `seed` for this run (DVC's train matrix passes each of `seeds`); "
                              "outputs are named <family>-seed<N>")
+    parser.add_argument("--all", action="store_true",
+                        help="train every family x seed of params.yaml concurrently on the Ray cluster "
+                             "(ray.address / RAY_ADDRESS, else a local Ray), each its own TorchTrainer, "
+                             "packed by ray.num_workers x ray.cpus_per_worker (+ GPU); same outputs as one by one")
 
 
 def family_of(model: str) -> str:
@@ -253,7 +258,7 @@ def make_epoch_callback(job: Job, progress_queue=None):
 
     from pipeline.tracking import log_metrics
 
-    uri, run_id, epochs, label = job.tracking_uri, job.run_id, job.params.train.epochs, job.family
+    uri, run_id, epochs, label = job.tracking_uri, job.run_id, job.params.train.epochs, job.label or job.family
 
     class EpochLogger(UserCallback):
         def __init__(self):
@@ -443,17 +448,22 @@ def load_checkpoint_model(path: str | Path):
     return model.eval(), state
 
 
-def train(p: Params, family: str | None = None, progress: bool = True) -> dict:
+def train(p: Params, family: str | None = None, progress: bool = True, *, label: str = "",
+          checked: bool = False) -> dict:
+    """One run. `label` prefixes its progress lines (default the family); `checked`: train_all
+    already checked the data, the store and the shards once for every run."""
     from pipeline import tracking
 
     job = resolve_job(p, family)
+    job.label = label
     p = job.params  # with the family's own train block merged
-    check_data(p)
-    tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
-    if p.data.verify_shards:
-        from pipeline.data import verify_shards
+    if not checked:
+        check_data(p)
+        tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
+        if p.data.verify_shards:
+            from pipeline.data import verify_shards
 
-        verify_shards(p.data.dir)  # every shard against manifest.json, before Ray
+            verify_shards(p.data.dir)  # every shard against manifest.json, before Ray
     job.storage_path = storage.resolve(p.ray.storage_path)  # local/shared path or s3://, gs://
     job.ray_name = _ray_run_name(job, job.storage_path)
     if p.train.resume:
@@ -467,7 +477,7 @@ def train(p: Params, family: str | None = None, progress: bool = True) -> dict:
                                         options=job.options, stage="train",
                                         extra_tags={"train_split": "train", "eval_split": "val"})
         storage.write_text(marker, json.dumps({"mlflow_run_id": job.run_id}) + "\n")
-    print(f"[{job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}", flush=True)
+    print(f"[{job.label or job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}", flush=True)
     started = time.time()
     status = "FAILED"
     try:
@@ -579,6 +589,8 @@ def output_stem(family: str, seed: int) -> str:
 
 
 def run(p: Params, args) -> int:
+    if getattr(args, "all", False):
+        return run_all(p, args)
     if args.seed is not None:
         if args.seed < 0:
             raise UserError(f"seed must be >= 0, got {args.seed} (--seed)")
@@ -587,4 +599,114 @@ def run(p: Params, args) -> int:
     print(f"[{summary['family']}] done: val mIoU {summary.get('mIoU', float('nan')):.3f}, "
           f"pixel acc {summary.get('pixel_acc', float('nan')):.3f} in {summary['train_seconds']:.0f}s "
           f"(MLflow run {summary['mlflow_run_id']})")
+    return 0
+
+
+# ------------------------------------------------------------------------------ train --all
+
+
+@dataclass
+class RunOutcome:
+    family: str
+    seed: int
+    summary: dict | None = None
+    error: str = ""
+    exit_code: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/seed{self.seed}"
+
+
+def train_all(p: Params, progress: bool = True) -> list[RunOutcome]:
+    """Every family x seed of `p` at once, each run the `train()` of the one-by-one path (its own
+    TorchTrainer, MLflow run and DVC outputs) in its own driver thread.
+
+    Threads on the driver, not Ray tasks: TorchTrainer.fit() from a non-main thread is what Ray
+    Train V2 supports (Ray Tune runs trainers that way); its controller is a 0-CPU actor, so what
+    runs at once is decided by Ray's scheduler from each run's placement group (ray.num_workers x
+    {CPU: ray.cpus_per_worker, GPU: 1 on GPUs}); a run whose group does not fit yet waits (Train V2
+    retries its worker-group start) and starts when another finishes. The driver writes the DVC
+    outputs (models/, reports/metrics/) where the one-by-one path writes them, on the driver's
+    machine. Everything is checked before Ray starts; a failing run is reported with its name and
+    the others finish. Returns one RunOutcome per run in params order."""
+    import threading
+
+    from pipeline import tracking
+
+    pairs = [(fam, seed) for fam in p.families for seed in p.seeds]
+    if not pairs:
+        raise UserError("params.yaml has no families to train (families; train --all)")
+    # bad input stops everything before Ray and before any MLflow run: every family builds,
+    # the data and the store answer, the shards match their manifest (once, not per run)
+    for fam in p.families:
+        resolve_job(p, fam)
+    check_data(p)
+    uri = tracking.resolve_tracking_uri(p.mlflow.tracking_uri)
+    tracking.preflight(p)
+    if p.data.verify_shards:
+        from pipeline.data import verify_shards
+
+        verify_shards(p.data.dir)
+    tracking.experiment_id(tracking.client(uri), p.mlflow.experiment)  # created once, not raced by the runs
+    ray_init(p)
+    print(f"training {len(pairs)} runs at once ({len(p.families)} families x seeds {p.seeds}), "
+          f"each {p.ray.num_workers} worker(s) x {p.ray.cpus_per_worker} CPU", flush=True)
+
+    outcomes = [RunOutcome(fam, seed) for fam, seed in pairs]
+
+    def one(o: RunOutcome) -> None:
+        try:
+            o.summary = train(p.model_copy(update={"seed": o.seed}), o.family, progress, label=o.name, checked=True)
+            print(f"[{o.name}] done: val mIoU {o.summary.get('mIoU', float('nan')):.3f}, "
+                  f"pixel acc {o.summary.get('pixel_acc', float('nan')):.3f} in {o.summary['train_seconds']:.0f}s "
+                  f"(MLflow run {o.summary['mlflow_run_id']})", flush=True)
+        except UserError as exc:
+            o.error, o.exit_code = str(exc), exc.exit_code
+        except Exception as exc:  # unexpected: named, the other runs go on
+            o.error, o.exit_code = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}", 1
+        if o.error:
+            print(f"[{o.name}] failed: {o.error}", flush=True)
+
+    # fluent MLflow calls (model logging) set the process-wide tracking URI: hold it on the
+    # store for the whole batch, so one run's restore never points another at a different store
+    with tracking.fluent_uri(uri):
+        threads = [threading.Thread(target=one, args=(o,), name=f"train-{o.name}", daemon=True) for o in outcomes]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.5)
+        except KeyboardInterrupt:
+            import ray
+
+            ray.shutdown()  # ends every run's controller and workers (they belong to this driver)
+            for t in threads:
+                t.join(timeout=30)
+            raise
+    return outcomes
+
+
+def run_all(p: Params, args) -> int:
+    if args.family or args.seed is not None:
+        raise UserError("--all trains every family x seed of params.yaml: drop --family / --seed "
+                        "(or narrow families / seeds with -S)")
+    started = time.time()
+    outcomes = train_all(p, progress=not args.quiet)
+    print(f"train --all: {sum(not o.error for o in outcomes)}/{len(outcomes)} runs finished in "
+          f"{time.time() - started:.0f}s", flush=True)
+    for o in outcomes:
+        if o.summary:
+            print(f"  {o.name:<22} val mIoU {o.summary.get('mIoU', float('nan')):.3f}  "
+                  f"{o.summary['train_seconds']:.0f}s  MLflow run {o.summary['mlflow_run_id']}")
+        else:
+            print(f"  {o.name:<22} FAILED: {o.error}")
+    failed = [o for o in outcomes if o.error]
+    if failed:
+        # exit 2 when every failure was bad input (as `segpipe train` exits 2), else 1
+        err = UserError(f"{len(failed)} of {len(outcomes)} runs failed: "
+                        + "; ".join(f"{o.name}: {o.error}" for o in failed))
+        err.exit_code = 2 if all(o.exit_code == 2 for o in failed) else 1
+        raise err
     return 0

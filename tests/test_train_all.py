@@ -1,0 +1,115 @@
+"""`segpipe train --all`: every family x seed at once on one real Ray (fractional CPUs, one worker
+per run), each its own TorchTrainer and MLflow run (real sqlite store): the runs overlap in time,
+their metrics and DVC outputs equal the one-by-one path's for the same seeds, a failing run is
+named while the others finish, bad input stops everything before Ray."""
+
+import json
+
+import pytest
+
+from pipeline.config import load_params
+from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.test_train import TINY, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+FAMILIES = ("unet", "lraspp")  # the two lightest tiny models
+
+
+def overrides(data_dir, work, seeds=(0, 1), epochs=1, extra_family_train=None):
+    fams = {f: {"model": TINY[f][0], "options": TINY[f][1]} for f in FAMILIES}
+    for f, t in (extra_family_train or {}).items():
+        fams[f]["train"] = t
+    # one 0.5-CPU worker per run: the 2-CPU test Ray packs 4 runs at once
+    return tiny_overrides(data_dir, work, epochs=epochs) + [
+        "ray.num_workers=1", "ray.cpus_per_worker=0.5", "train.sample_images=0",
+        f"families={json.dumps(fams)}", f"seeds={json.dumps(list(seeds))}"]
+
+
+def test_all_runs_overlap_and_match_the_sequential_runs(ray_local, synthetic_shards, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train import train, train_all
+
+    import time
+
+    conc, seq = tmp_path / "all", tmp_path / "seq"
+    p = load_params(ROOT / "params.yaml", overrides(synthetic_shards, conc, epochs=2))
+    t0 = time.time()
+    outcomes = train_all(p, progress=False)
+    t_all = time.time() - t0
+    out = capsys.readouterr().out
+    assert [(o.family, o.seed, o.error) for o in outcomes] == [(f, s, "") for f in FAMILIES for s in (0, 1)]
+    for f in FAMILIES:
+        for s in (0, 1):
+            assert f"[{f}/seed{s}] epoch 2/2" in out and f"[{f}/seed{s}] done: val mIoU" in out
+
+    client = MlflowClient(f"sqlite:///{conc / 'mlflow.db'}")
+    runs = [client.get_run(o.summary["mlflow_run_id"]) for o in outcomes]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted((r.data.tags["family"], r.data.tags["seed"], r.data.tags["stage"]) for r in runs) == \
+        sorted((f, str(s), "train") for f in FAMILIES for s in (0, 1))
+    # concurrent: every run started before any run ended
+    assert max(r.info.start_time for r in runs) < min(r.info.end_time for r in runs), \
+        [(r.info.run_name, r.info.start_time, r.info.end_time) for r in runs]
+
+    ps = load_params(ROOT / "params.yaml", overrides(synthetic_shards, seq, epochs=2))
+    t0 = time.time()
+    alones = [train(ps.model_copy(update={"seed": o.seed}), o.family, progress=False) for o in outcomes]
+    t_seq = time.time() - t0
+    with capsys.disabled():
+        print(f"\ntrain --all: {len(outcomes)} runs in {t_all:.0f}s, one by one {t_seq:.0f}s "
+              f"(x{t_seq / t_all:.2f})")
+    for o, alone in zip(outcomes, alones):
+        for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "per_class_iou"):
+            assert o.summary[k] == alone[k], (o.name, k)
+        # the same DVC outputs as the one-by-one path, same names, same metrics
+        stem = f"{o.family}-seed{o.seed}"
+        a = json.loads((conc / "reports" / "metrics" / f"{stem}.json").read_text())
+        b = json.loads((seq / "reports" / "metrics" / f"{stem}.json").read_text())
+        assert {k: v for k, v in a.items() if k not in ("mlflow_run_id", "train_seconds")} == \
+            {k: v for k, v in b.items() if k not in ("mlflow_run_id", "train_seconds")}
+        assert (conc / "models" / f"{stem}.pt").stat().st_size > 0
+        assert (conc / "reports" / "metrics" / f"{stem}_epochs.csv").read_text().splitlines()[0].startswith("epoch,")
+        hist = client.get_metric_history(o.summary["mlflow_run_id"], "val/mIoU")
+        assert [m.step for m in hist] == [1, 2]
+
+
+def test_a_failing_run_is_named_and_the_others_finish(ray_local, synthetic_shards, tmp_path, capsys):
+    """Through the CLI's main() (in-process, on the test Ray): unet's NaN loss fails its runs only;
+    the exit code is the single path's for a failed training (1), one `error:` line names them.
+    1 CPU per run on the 2-CPU Ray: 4 runs do not fit at once, so the last wait for a free CPU
+    (Train V2 retries the worker-group start) and still finish."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import main
+
+    ov = overrides(synthetic_shards, tmp_path, seeds=(0, 1),
+                   extra_family_train={"unet": {"lr": 1e30, "max_failures": 0}}) + ["ray.cpus_per_worker=1"]
+    rc = main(["train", "--all", "-p", str(ROOT / "params.yaml"), *sum((["-S", o] for o in ov), [])])
+    cap = capsys.readouterr()
+    assert rc == 1, cap
+    errors = [line for line in cap.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: 2 of 4 runs failed: unet/seed0: loss became NaN"), cap.err
+    assert "; unet/seed1: loss became NaN" in errors[0]
+    for s in (0, 1):
+        assert f"[unet/seed{s}] failed: loss became NaN" in cap.out
+        assert f"[lraspp/seed{s}] done: val mIoU" in cap.out
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("segpipe").experiment_id])
+    assert sorted((r.data.tags["family"], r.data.tags["seed"], r.info.status) for r in runs) == [
+        ("lraspp", "0", "FINISHED"), ("lraspp", "1", "FINISHED"), ("unet", "0", "FAILED"), ("unet", "1", "FAILED")]
+    for s in (0, 1):
+        assert (tmp_path / "models" / f"lraspp-seed{s}.pt").exists() and not (tmp_path / "models" / f"unet-seed{s}.pt").exists()
+
+
+def test_bad_input_stops_train_all_before_ray(synthetic_shards, tmp_path):
+    base = sum((["-S", o] for o in overrides(synthetic_shards, tmp_path)), [])
+    proc = run_cli("train", "--all", "--family", "unet", "-p", str(ROOT / "params.yaml"), *base, cwd=tmp_path)
+    assert_user_error(proc, "--all", "--family")
+    # one family that does not build: nothing starts, not even the good family's run
+    proc = run_cli("train", "--all", "-p", str(ROOT / "params.yaml"), *base,
+                   "-S", "families.unet.options.output_stride=4", cwd=tmp_path)
+    assert_user_error(proc, "output_stride")
+    assert "Started a local Ray" not in proc.stderr
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
