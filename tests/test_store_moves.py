@@ -27,6 +27,12 @@ def _make_store(co):
     with tracking.fluent_uri(uri), mlflow.start_run(run_id=run.info.run_id):
         info = mlflow.pytorch.log_model(net, name="model", serialization_format="pickle",
                                         pip_requirements=["torch"])
+    from seg_models import build_model
+
+    unet = build_model("unet", num_classes=21, base_channels=8)
+    torch.save({"model_name": "unet", "options": {"base_channels": 8}, "model": unet.state_dict(), "epoch": 1,
+                "mlflow_run_id": run.info.run_id, "eval_size": 64}, co / "unet-seed0.pt")
+    c.log_artifact(run.info.run_id, str(co / "unet-seed0.pt"), artifact_path=tracking.CHECKPOINT_ARTIFACT)
     c.set_terminated(run.info.run_id)
     c.create_registered_model("segpipe-x")
     with tracking.fluent_uri(uri):  # MLflow resolves models:/m-... through the global URI
@@ -78,5 +84,6 @@ def test_predict_resolves_models_uri_after_move(tmp_path, params_file):
     from pipeline.predict import load_model
 
     p = load_params(params_file, [f"mlflow.tracking_uri={uri}"])
-    model, _, _ = load_model("models:/segpipe-x@best", p, torch.device("cpu"))
-    assert isinstance(model, torch.nn.Linear)
+    model, size, _ = load_model("models:/segpipe-x@best", p, torch.device("cpu"))  # the run's checkpoint artifact
+    saved = torch.load(moved / "unet-seed0.pt", weights_only=True)["model"]
+    assert size == 64 and all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())

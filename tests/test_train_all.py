@@ -67,8 +67,8 @@ def test_all_runs_overlap_and_match_the_sequential_runs(ray_local, synthetic_sha
         stem = f"{o.family}-seed{o.seed}"
         a = json.loads((conc / "reports" / "metrics" / f"{stem}.json").read_text())
         b = json.loads((seq / "reports" / "metrics" / f"{stem}.json").read_text())
-        assert {k: v for k, v in a.items() if k not in ("mlflow_run_id", "train_seconds")} == \
-            {k: v for k, v in b.items() if k not in ("mlflow_run_id", "train_seconds")}
+        timing = ("mlflow_run_id", "train_seconds", "img_per_s")  # wall-clock figures differ, the results do not
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
         assert (conc / "models" / f"{stem}.pt").stat().st_size > 0
         assert (conc / "reports" / "metrics" / f"{stem}_epochs.csv").read_text().splitlines()[0].startswith("epoch,")
         hist = client.get_metric_history(o.summary["mlflow_run_id"], "val/mIoU")
