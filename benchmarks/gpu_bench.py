@@ -32,8 +32,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from pipeline import engine  # noqa: E402  (imports torch only)
-from pipeline.bench import goal, machine_info, report, write_json  # noqa: E402  (stdlib only)
+from pipeline.training import engine  # noqa: E402  (imports torch only)
+from pipeline.stages.bench import goal, machine_info, report, write_json  # noqa: E402  (stdlib only)
 from seg_models import build_model  # noqa: E402  (torch + torchvision only)
 
 # The families of params.yaml (the full recipe) without their backbone_weights (initial weights do not

@@ -17,7 +17,7 @@ from pipeline.errors import UserError
 # stage -> (module, one-line help, longer description)
 STAGES: dict[str, tuple[str, str, str]] = {
     "fetch": (
-        "pipeline.fetch",
+        "pipeline.stages.fetch",
         "bring a VOC-layout dataset to <data.dir>/raw/",
         """By data.source: `sample` (10 real VOC images bundled in assets/), `synthetic` (generated
         VOC-format scenes, data.synthetic.*), `voc2012` (downloads the official trainval tar with
@@ -26,7 +26,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
         paths, '..', outside links or device files); a failure leaves the previous raw/ intact.""",
     ),
     "preprocess": (
-        "pipeline.preprocess",
+        "pipeline.stages.preprocess",
         "validate every image/mask pair and write Parquet shards + manifest.json",
         """Reads <data.dir>/raw/, validates every pair on all cores (undecodable or truncated images,
         mask values outside 0..20/255, size mismatches, ids without a mask: all reported at once),
@@ -35,7 +35,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
         is complete.""",
     ),
     "train": (
-        "pipeline.train",
+        "pipeline.stages.train",
         "train one family with Ray Train (DDP), tracked in MLflow",
         """Trains families.<--family> (or train.model) on <data.dir>/shards with ray.num_workers Ray
         Train workers (gloo on CPU, NCCL on GPUs); starts a local Ray unless ray.address / RAY_ADDRESS
@@ -49,7 +49,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
         the others finish).""",
     ),
     "tune": (
-        "pipeline.tune",
+        "pipeline.stages.tune",
         "Ray Tune search per family (ASHA on val/mIoU), nested MLflow runs, best params",
         """For each family of tune.families (or --family): checks the whole search space of
         tune.space.<family> first (model options such as atrous_rates / output_stride / aspp /
@@ -64,7 +64,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
         --apply merges the best config into params.yaml without running anything.""",
     ),
     "quickstart": (
-        "pipeline.quickstart",
+        "pipeline.stages.quickstart",
         "run the whole DVC pipeline offline on CPU with the quickstart profile",
         """Hands the overrides of profiles/quickstart.yaml (plus any -S given here) to `dvc exp run -S`,
         so the same dvc.yaml runs on small synthetic data in minutes; DVC records the experiment and
@@ -72,7 +72,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
         the full recipe).""",
     ),
     "mlflow-server": (
-        "pipeline.mlflow_server",
+        "pipeline.stages.mlflow_server",
         "run the MLflow tracking server a cluster logs to (proxied artifacts)",
         """`mlflow server` over the backend store of mlflow.tracking_uri (sqlite or postgresql://) with
         --serve-artifacts, bound to 127.0.0.1 unless --host says otherwise. Point jobs at it with
@@ -80,13 +80,13 @@ STAGES: dict[str, tuple[str, str, str]] = {
         the server into --artifacts-destination. Runs until Ctrl-C.""",
     ),
     "models": (
-        "pipeline.models",
+        "pipeline.stages.models",
         "list the model registry: family, parameters, GFLOPs, options",
         """Prints every model name seg_models.build_model accepts, with its family, parameter count,
         GFLOPs at --size x --size and the options it takes (upsample, atrous_rates, ...).""",
     ),
     "report": (
-        "pipeline.report",
+        "pipeline.stages.report",
         "compare the families from the MLflow runs: comparison.md/.json + PNGs, register the best models",
         """Reads the runs from the MLflow tracking store (not local files): per family of params.yaml and
         seed of `seeds`, the latest FINISHED stage=train run of the configured model. Writes
@@ -98,14 +98,14 @@ STAGES: dict[str, tuple[str, str, str]] = {
         family's best run as segpipe-<family> with alias `best` (report.register_best).""",
     ),
     "ui": (
-        "pipeline.ui",
+        "pipeline.stages.ui",
         "serve the MLflow UI for the tracking store on 127.0.0.1",
         """Starts `mlflow server` on mlflow.tracking_uri bound to 127.0.0.1 (--port, default 5000),
         prints the URL and runs until Ctrl-C, then stops the server. In the UI: experiment `segpipe`,
         filter tags.stage = 'train', select runs, Compare (see README, MLflow UI).""",
     ),
     "predict": (
-        "pipeline.predict",
+        "pipeline.stages.predict",
         "segment images with a trained model: coloured masks and overlays",
         """--model is a checkpoint written by train (models/<family>-seed<N>.pt) or a registry URI
         (models:/segpipe-<family>@best, registered by `segpipe report`). Each image is resized to fit
@@ -114,7 +114,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
         Images that cannot be read are named at the end (exit 2); the others are still written.""",
     ),
     "bench": (
-        "pipeline.bench",
+        "pipeline.stages.bench",
         "speed benchmarks (loader, preprocess, model, ray, pipeline, gpu) as ratios to a baseline",
         """Each benchmark times ours against a baseline in the same run, prints a table and the ratio,
         and writes <out>/<what>.json (with machine info) and bench.md beside <out> (default

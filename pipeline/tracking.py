@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from pipeline.config import Params, flatten
+from pipeline.storage import REPO
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -49,7 +50,7 @@ def client(uri: str):
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent.parent)
+                             cwd=REPO)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -82,7 +82,7 @@ def test_ray_bench_ray_train_vs_plain_loop(ray_local, tmp_path):
     # one Ray Train run (2 workers: DDP) keeps the test short; the benchmark runs 1 and 2 by default
     assert main(["bench", "ray", "--quick", "--epochs", "1", "--ray-workers", "2", "--out", str(out)]) == 0
     d = _result(out, "ray")
-    assert [r[0] for r in d["table"]["rows"]] == ["plain torch loop (pipeline.engine)", "Ray Train TorchTrainer, 2 workers"]
+    assert [r[0] for r in d["table"]["rows"]] == ["plain torch loop (pipeline.training.engine)", "Ray Train TorchTrainer, 2 workers"]
     assert len(d["runs"]["plain"]) == 2 and d["runs"]["ray2"]["img_per_s"][0] > 0
     assert _goal(d, "per-step overhead")["target"] == 0.10
 
@@ -148,7 +148,7 @@ def test_bad_bench_input_is_one_error_line(args, needle, tmp_path):
 
 def test_committed_results_render(tmp_path):
     """reports/bench/*.json (the committed results) parse, and reports/bench.md is what they render to."""
-    from pipeline.bench import write_markdown
+    from pipeline.stages.bench import write_markdown
 
     out = ROOT / "reports" / "bench"
     files = sorted(out.glob("*.json"))
@@ -175,7 +175,7 @@ def _scene():
 def test_train_transform_keeps_image_and_mask_aligned():
     from torchvision import tv_tensors
 
-    from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, train_transform
+    from pipeline.data.loaders import IMAGENET_MEAN, IMAGENET_STD, train_transform
 
     image, mask = _scene()
     t = train_transform(513, 0.5, 2.0)
@@ -199,12 +199,12 @@ def test_train_transform_keeps_image_and_mask_aligned():
 
 
 def test_uint8_hand_over_is_the_normalised_transform():
-    """normalize=False gives the same crop as uint8 (image and mask); pipeline.engine turns that batch
+    """normalize=False gives the same crop as uint8 (image and mask); pipeline.training.engine turns that batch
     into exactly what the float transform gives."""
     from torchvision import tv_tensors
 
-    from pipeline.data import eval_transform, train_transform
-    from pipeline.engine import StepOptions, _to_device
+    from pipeline.data.loaders import eval_transform, train_transform
+    from pipeline.training.engine import StepOptions, _to_device
 
     image, mask = _scene()
     for make in (lambda n: train_transform(300, 0.5, 2.0, normalize=n), lambda n: eval_transform(256, normalize=n)):
@@ -224,7 +224,7 @@ def test_train_transform_without_scaling_is_the_image_itself():
     """scale 1 and a crop larger than the image: the image (or its mirror) at the top left, padded."""
     from torchvision import tv_tensors
 
-    from pipeline.data import normalize_uint8, train_transform
+    from pipeline.data.loaders import normalize_uint8, train_transform
 
     image, mask = _scene()
     t = train_transform(600, 1.0, 1.0)

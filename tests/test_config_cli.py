@@ -90,7 +90,7 @@ def test_unknown_stage_is_a_user_error():
 
 
 def test_quickstart_profile_is_valid_over_params(params_file):
-    from pipeline.quickstart import profile_overrides
+    from pipeline.stages.quickstart import profile_overrides
 
     overrides = profile_overrides("quickstart")
     p = load_params(params_file, overrides)

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def one_val_image(tmp_path_factory) -> Path:
     from pipeline.config import load_params
-    from pipeline.fetch import fetch
-    from pipeline.preprocess import preprocess
+    from pipeline.stages.fetch import fetch
+    from pipeline.stages.preprocess import preprocess
 
     d = tmp_path_factory.mktemp("oneval") / "data"
     p = load_params(ROOT / "params.yaml", [f"data.dir={d}", "data.source=synthetic", "data.synthetic.train_count=8",
@@ -75,7 +75,7 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(synthetic_shards, tmp
 
 def test_collective_helper_at_world_size_one():
     """Outside Ray, the helper makes a 1-process gloo group and goes through the same call."""
-    code = ("import torch; from pipeline import dist as d; import torch.distributed as td\n"
+    code = ("import torch; from pipeline.training import dist as d; import torch.distributed as td\n"
             "t = torch.arange(4, dtype=torch.int64)\n"
             "r = d.all_reduce(t, torch.device('cpu'))\n"
             "assert td.is_initialized() and td.get_world_size() == 1 and torch.equal(r, t) and r is not t\n"

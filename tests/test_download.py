@@ -1,4 +1,4 @@
-"""pipeline.download: resumable, verified downloads against a local HTTP server, and tar
+"""pipeline.data.download: resumable, verified downloads against a local HTTP server, and tar
 extraction that refuses anything that could write outside its target."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.download import download, md5sum, safe_extract, sha256sum
+from pipeline.data.download import download, md5sum, safe_extract, sha256sum
 from pipeline.errors import UserError
 
 PAYLOAD = random.Random(0).randbytes(300_000)

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_params
-from pipeline.data import ShardDataset, decode_mask, list_shards
-from pipeline.fetch import fetch
-from pipeline.preprocess import preprocess
+from pipeline.data.loaders import ShardDataset, decode_mask, list_shards
+from pipeline.stages.fetch import fetch
+from pipeline.stages.preprocess import preprocess
 from tests.conftest import ROOT, SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
 
 
@@ -228,7 +228,7 @@ def test_dataset_partitions_are_disjoint_and_cover(tmp_path, params_file):
 def test_transforms(tmp_path, params_file):
     import torch
 
-    from pipeline.data import eval_transform, train_transform
+    from pipeline.data.loaders import eval_transform, train_transform
 
     d = tmp_path / "D"
     fetch(_params(params_file, d, "data.source=sample"), progress=False)

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from scipy.io import savemat
 
-from pipeline.data import decode_mask, list_shards
-from pipeline.palette import save_mask_png
+from pipeline.data.loaders import decode_mask, list_shards
+from pipeline.data.palette import save_mask_png
 from tests.conftest import SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
 
 # voc-mini: train 7, val 3. SBD adds three new ids, repeats a VOC train id (VOC's mask wins) and

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import confusion_matrix, scores
+from pipeline.training.metrics import confusion_matrix, scores
 
 
 def reference_scores(pred: np.ndarray, target: np.ndarray, n: int) -> dict:
@@ -41,7 +41,7 @@ def test_scores_match_reference(seed):
     ref = reference_scores(pred, target, n)
     for k in ("pixel_acc", "mean_acc", "mIoU", "fwIoU"):
         assert got[k] == pytest.approx(ref[k], abs=1e-12), k
-    from pipeline.voc import VOC_CLASSES
+    from pipeline.data.voc import VOC_CLASSES
     for c, name in enumerate(VOC_CLASSES):
         if c in ref["ious"]:
             assert got[f"iou/{name}"] == pytest.approx(ref["ious"][c])
@@ -85,9 +85,9 @@ def test_two_ray_workers_equal_one_process(ray_local, synthetic_shards):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline import engine
-    from pipeline.data import ShardDataset, eval_transform
-    from pipeline.train import build_loaders
+    from pipeline.training import engine
+    from pipeline.data.loaders import ShardDataset, eval_transform
+    from pipeline.stages.train import build_loaders
     from seg_models import build_model
 
     cfg = {"data_dir": str(synthetic_shards), "crop_size": 64, "eval_size": 64, "scale_min": 1.0, "scale_max": 1.0,

@@ -106,7 +106,7 @@ def test_auth_without_a_password_is_refused(tmp_path):
 
 
 def test_default_allowed_hosts():
-    from pipeline.mlflow_server import allowed_hosts
+    from pipeline.stages.mlflow_server import allowed_hosts
 
     remote = allowed_hosts("10.213.7.1", "head.example")
     assert {"10.213.7.1", "10.213.7.1:*", socket.gethostname(), "head.example", "head.example:*"} <= set(remote)

@@ -42,7 +42,7 @@ def runs(ray_local, synthetic_shards, tmp_path_factory):
     """Train FAMILIES x SEEDS (1 epoch) through `segpipe train`'s own entry point (--seed path);
     returns (work dir, params file, {(family, seed): summary})."""
     from pipeline.config import load_params
-    from pipeline.train import run as train_run
+    from pipeline.stages.train import run as train_run
 
     work = tmp_path_factory.mktemp("report")
     raw = apply_overrides(read_yaml(ROOT / "params.yaml"),
@@ -84,7 +84,7 @@ def _mlflow_runs(work: Path):
 
 def test_train_outputs_are_named_by_family_and_seed(runs):
     from pipeline.config import load_params
-    from pipeline.quickstart import summary_table
+    from pipeline.stages.quickstart import summary_table
 
     work, params, summaries = runs
     for (fam, seed), s in summaries.items():
@@ -138,7 +138,7 @@ def test_report_numbers_are_mlflows(report):
         assert all(r["run_id"][:8] in row for r in fam_js["runs"])
     assert js["latency"]["device"] in md
     # per-class table: the 21 VOC classes
-    from pipeline.voc import VOC_CLASSES
+    from pipeline.data.voc import VOC_CLASSES
 
     for cls in VOC_CLASSES:
         assert re.search(rf"^\| {cls} \|", md, re.M), cls
@@ -165,7 +165,7 @@ def test_report_pngs_decode_and_are_linked(report):
 
 
 def test_best_run_of_each_family_is_registered(report):
-    from pipeline.report import Group, RunRecord, register_best
+    from pipeline.stages.report import Group, RunRecord, register_best
 
     work, _, summaries, js, _ = report
     c, _, _ = _mlflow_runs(work)
@@ -286,7 +286,7 @@ def test_predict_registered_model_on_sample_images(report, tmp_path):
 def test_predict_from_checkpoint_and_bad_models(report, tmp_path, capsys):
     from pipeline.config import load_params
     from pipeline.errors import UserError
-    from pipeline.predict import predict
+    from pipeline.stages.predict import predict
 
     work, params, _, _, _ = report
     p = load_params(params)
@@ -343,8 +343,8 @@ def test_tune_trials_give_a_tune_plot(tmp_path, params_file):
     from PIL import Image
 
     from pipeline.config import load_params
-    from pipeline.report import tune_trials
-    from pipeline.reporting import tune_png
+    from pipeline.stages.report import tune_trials
+    from pipeline.reporting.figures import tune_png
 
     p = load_params(params_file)
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -371,7 +371,7 @@ def test_report_averages_only_seeds_of_one_setting(tmp_path, params_file):
     batch) are not averaged with the untuned seeds; they are listed as left out with the keys that
     differ. Runs are made the way `segpipe train` makes them (tracking.start_run, real sqlite store)."""
     from pipeline.config import load_params
-    from pipeline.report import select_runs
+    from pipeline.stages.report import select_runs
     from pipeline.tracking import client, end_run, experiment_id, start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -441,7 +441,7 @@ def test_recipe_profiles_validate_and_name_their_anchor(profile, params_file, tm
     """`segpipe quickstart --profile <p> --dry-run` validates the profile over params.yaml (models built
     on the meta device; weight files come from DVC's weights stage); each names its published figure."""
     from pipeline.config import load_params
-    from pipeline.quickstart import profile_anchors, profile_overrides
+    from pipeline.stages.quickstart import profile_anchors, profile_overrides
 
     proc = run_cli("quickstart", "--profile", profile, "--dry-run", "-p", str(params_file), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -471,7 +471,7 @@ def test_report_prints_anchors_splits_and_tuned_marks(tmp_path, params_file):
     from types import SimpleNamespace
 
     from pipeline.config import load_params
-    from pipeline.report import Group, RunRecord, report_anchors, to_markdown
+    from pipeline.stages.report import Group, RunRecord, report_anchors, to_markdown
 
     p = load_params(params_file, ["seeds=[0]"])
     tags = {"profile": "torchvision", "eval_split": "val", "git_commit": "abc"}

@@ -1,4 +1,4 @@
-"""pipeline.sbd: SegmentationClassAug + train_aug.txt from a tiny hand-made SBD / VOC layout."""
+"""pipeline.data.sbd: SegmentationClassAug + train_aug.txt from a tiny hand-made SBD / VOC layout."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from PIL import Image
 from scipy.io import savemat
 
 from pipeline.errors import UserError
-from pipeline.palette import VOC_PALETTE, save_mask_png, voc_palette
-from pipeline.sbd import build_train_aug, load_sbd_mask
+from pipeline.data.palette import VOC_PALETTE, save_mask_png, voc_palette
+from pipeline.data.sbd import build_train_aug, load_sbd_mask
 
 # SBD train: 1, 2, 3 (3 is VOC val -> excluded); SBD val: 4, 5 (5 is also VOC train, VOC mask wins)
 SBD_TRAIN = ["2008_000001", "2008_000002", "2008_000003"]

@@ -1,7 +1,7 @@
 """Shards and run markers through pyarrow.fs: a URI data.dir reads the same rows as a local path."""
 
 from pipeline import storage
-from pipeline.data import ShardDataset, list_shards, load_manifest
+from pipeline.data.loaders import ShardDataset, list_shards, load_manifest
 
 
 def test_uri_and_path_read_the_same_shards(synthetic_shards):

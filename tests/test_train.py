@@ -40,8 +40,8 @@ def tiny_overrides(data_dir: Path, work: Path, epochs: int = 1) -> list[str]:
 def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train import train
-    from pipeline.voc import VOC_CLASSES
+    from pipeline.stages.train import train
+    from pipeline.data.voc import VOC_CLASSES
 
     p = load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -81,7 +81,7 @@ def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, t
 
 
 def test_fixed_seed_gives_identical_metrics(ray_local, synthetic_shards, tmp_path):
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     runs = []
     for i in range(2):
@@ -95,7 +95,7 @@ def test_fixed_seed_gives_identical_metrics(ray_local, synthetic_shards, tmp_pat
 def test_nan_loss_stops_the_run(ray_local, synthetic_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train import TrainingFailed, train
+    from pipeline.stages.train import TrainingFailed, train
 
     p = load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path) + ["train.lr=1e30", "train.max_failures=0"])
     with pytest.raises(TrainingFailed, match=r"loss became NaN at epoch 1 step \d+"):

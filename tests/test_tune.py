@@ -41,8 +41,8 @@ def tuned(ray_local, synthetic_shards, tmp_path_factory):
     """Run the tune in this process (the session's Ray), Ctrl-C it (SIGINT to this process, caught
     by Tune's handler) as soon as Tune has recorded the end of a first trial, resume it with
     tune.resume=true; return what the tests need."""
-    import pipeline.tune as tune_mod
-    from pipeline.tune import TuneInterrupted, resolve_space, tune_family
+    import pipeline.stages.tune as tune_mod
+    from pipeline.stages.tune import TuneInterrupted, resolve_space, tune_family
 
     work = tmp_path_factory.mktemp("tune")
     overrides = tune_overrides(synthetic_shards, work)
@@ -159,7 +159,7 @@ def test_reports_best_params_and_apply(tuned):
     p = load_params(out / "best_params.yaml")
     assert p.families["unet"].model == "unet" and p.families["unet"].options == best["options"]
     assert p.train.epochs == 1 and not p.tune.resume  # the training schedule, not the trials'
-    from pipeline.train import resolve_job
+    from pipeline.stages.train import resolve_job
 
     assert resolve_job(p, "unet").options["upsample"] == best["options"]["upsample"]
     # --apply refuses a params file whose family trains another model than the tune did (unet_resnet50)
@@ -185,7 +185,7 @@ def test_apply_then_train_trains_the_tuned_config(tuned):
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import apply_overrides, read_yaml
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     work = tuned["work"]
     best = json.loads((work / "reports" / "tune" / "unet" / "best_config.json").read_text())
@@ -271,7 +271,7 @@ def test_bad_search_space_fails_before_any_trial(tmp_path, synthetic_shards):
 ])
 def test_bad_entries_name_the_entry(space, needles, tmp_path, synthetic_shards):
     from pipeline.errors import UserError
-    from pipeline.tune import resolve_space
+    from pipeline.stages.tune import resolve_space
 
     p = load_params(ROOT / "params.yaml", tune_overrides(synthetic_shards, tmp_path) + [f"tune.space.fcn={json.dumps(space)}"])
     with pytest.raises(UserError) as err:
@@ -282,7 +282,7 @@ def test_bad_entries_name_the_entry(space, needles, tmp_path, synthetic_shards):
 
 def test_space_schema_and_joint_aspp_rates(tmp_path, synthetic_shards):
     from pipeline.config import ParamsError
-    from pipeline.tune import _apply, decode, param_space, resolve_space
+    from pipeline.stages.tune import _apply, decode, param_space, resolve_space
 
     with pytest.raises(ParamsError, match=r"tune.space: fcn.upsample: a search entry is one of"):
         load_params(ROOT / "params.yaml", ["tune.space.fcn={upsample: {grd: [bilinear]}}"])
@@ -313,7 +313,7 @@ def test_space_schema_and_joint_aspp_rates(tmp_path, synthetic_shards):
 def test_plots_heatmap_and_upsample_bars(tmp_path):
     """The DeepLabV3 heat map (atrous_rates x output_stride, one panel per aspp) and the FCN bars
     (upsampling method x variant) draw from trial rows."""
-    from pipeline.tune import Space, make_plots
+    from pipeline.stages.tune import Space, make_plots
 
     rows = []
     for i, (rates, stride, aspp) in enumerate([([6, 12, 18], 8, "parallel"), ([12, 24, 36], 16, "parallel"),
@@ -341,7 +341,7 @@ def test_family_train_block_schema_and_trial_batch(tmp_path, synthetic_shards):
     trains with the family's block at the training run's global batch."""
     from pipeline.config import ParamsError
     from pipeline.errors import UserError
-    from pipeline.tune import resolve_space, trial_params
+    from pipeline.stages.tune import resolve_space, trial_params
 
     base = tune_overrides(synthetic_shards, tmp_path)
     for bad, needle in (("{models_dir: x}", "models_dir: not a per-family train setting"),
@@ -365,11 +365,11 @@ def test_tune_split_is_carved_from_train_and_trials_select_on_it(tmp_path, param
     train-tune and select on tune, never on val."""
     import hashlib
 
-    from pipeline.data import ShardDataset, load_manifest
+    from pipeline.data.loaders import ShardDataset, load_manifest
     from pipeline.errors import UserError
-    from pipeline.fetch import fetch
-    from pipeline.preprocess import preprocess
-    from pipeline.tune import trial_splits
+    from pipeline.stages.fetch import fetch
+    from pipeline.stages.preprocess import preprocess
+    from pipeline.stages.tune import trial_splits
     from tests.conftest import tree_snapshot
 
     d = tmp_path / "data"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_params
-from pipeline.fetch import fetch
-from pipeline.preprocess import preprocess
+from pipeline.stages.fetch import fetch
+from pipeline.stages.preprocess import preprocess
 
 TEMP_MARKERS = (".raw-new", ".shards-new", ".raw-old", ".shards-old", ".tmp-", ".lock")
 

@@ -4,8 +4,8 @@ import gzip
 import io
 import tarfile
 
-from pipeline.datadir import clean_debris
-from pipeline.download import ExtractLimits, safe_extract
+from pipeline.storage import clean_debris
+from pipeline.data.download import ExtractLimits, safe_extract
 from tests.conftest import SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
 from tests.reliability.conftest import no_debris
 

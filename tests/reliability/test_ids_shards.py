@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline.data import verify_shards
+from pipeline.data.loaders import verify_shards
 from pipeline.errors import UserError
 from tests.conftest import assert_user_error, run_cli, tree_snapshot
 from tests.reliability.conftest import copy_sample_voc, no_debris, params
@@ -30,7 +30,7 @@ def test_bad_split_id_names_file_and_line(tmp_path, params_file, bad):
 
 
 def test_generated_ids_are_accepted(tmp_path, params_file):
-    from pipeline.voc import ID_PATTERN
+    from pipeline.data.voc import ID_PATTERN
 
     for sid in ("2008_000123", "2011_003276", "syn_000001", "2007_000032"):
         assert ID_PATTERN.fullmatch(sid)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.datadir import writer_lock
+from pipeline.storage import writer_lock
 from tests.conftest import ROOT, assert_user_error, run_cli, tree_snapshot
 from tests.reliability.conftest import no_debris
 
@@ -28,7 +28,7 @@ def test_second_writer_fails_at_once(params_file, sample_dir, stage):
 
 def test_lock_of_a_killed_writer_is_taken_over(params_file, sample_dir):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pipeline.datadir import writer_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom pipeline.storage import writer_lock\n"
                                "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n",
          str(sample_dir)], env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
     try:

@@ -18,9 +18,10 @@ import yaml
 
 from pipeline.config import load_params
 from pipeline.errors import UserError
+from pipeline.storage import REPO
 
 NEEDS_PARAMS = False
-PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES = REPO / "profiles"
 
 
 def add_arguments(parser) -> None:
@@ -83,7 +84,7 @@ def override_value(v) -> str:
 def run(_params, args) -> int:
     overrides = profile_overrides(args.profile) + list(args.overrides)
     p = load_params(args.params, overrides)  # bad overrides fail here, before DVC runs anything
-    from pipeline.train import check_model
+    from pipeline.stages.train import check_model
 
     for name, fam in p.families.items():  # backbone weight files come later, from DVC's weights stage
         check_model(fam.model, {k: v for k, v in fam.options.items() if k != "backbone_weights"},
@@ -96,7 +97,7 @@ def run(_params, args) -> int:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if subprocess.run(cmd, env=env).returncode != 0:
         raise UserError("`dvc exp run` failed (see its output above)")
-    from pipeline.data import load_manifest
+    from pipeline.data.loaders import load_manifest
 
     manifest = load_manifest(p.data.dir)
     counts = ", ".join(f"{info['count']} {s}" for s, info in manifest["splits"].items())

@@ -27,9 +27,9 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline import storage
-from pipeline.engine import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8  # noqa: F401  (pure torch; re-exported)
+from pipeline.training.engine import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8  # noqa: F401  (pure torch; re-exported)
 from pipeline.errors import UserError
-from pipeline.voc import IGNORE_INDEX
+from pipeline.data.voc import IGNORE_INDEX
 
 
 def shard_dir(data_dir: str | Path) -> str:
@@ -278,7 +278,7 @@ class RandomScaleCrop(torch.nn.Module):
     offsets as the composition, at a fraction of its cost (`segpipe bench loader`).
 
     normalize=False returns a uint8 image and a uint8 mask (4x and 8x fewer bytes to pass from
-    DataLoader workers and to copy to the GPU): pipeline.engine normalises such batches on the
+    DataLoader workers and to copy to the GPU): pipeline.training.engine normalises such batches on the
     device and makes the masks int64 there."""
 
     def __init__(self, size: int, lo: float = 0.5, hi: float = 2.0, normalize: bool = True):

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import SyntheticParams
-from pipeline.palette import save_mask_png
+from pipeline.data.palette import save_mask_png
 
 def _class_colour(cls: int) -> np.ndarray:
     """A distinct, saturated base colour per VOC class id 1..20 (hues 18 degrees apart)."""

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import Params
-from pipeline.datadir import clean_debris, ensure_dir, os_error, writer_lock
-from pipeline.download import ExtractLimits, download, safe_extract
+from pipeline.storage import clean_debris, ensure_dir, os_error, writer_lock
+from pipeline.data.download import ExtractLimits, download, safe_extract
 from pipeline.errors import UserError
-from pipeline.voc import RawLayout, find_voc_root
+from pipeline.data.voc import RawLayout, find_voc_root
+from pipeline.storage import REPO
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = REPO / "assets"
 SAMPLE_TAR = ASSETS / "voc-mini.tar"
 
 
@@ -69,7 +70,7 @@ def _aug_ids(path: Path) -> list[str]:
     """The ids of a train_aug list: plain ids, or the widely shared `/JPEGImages/<id>.jpg
     /SegmentationClassAug/<id>.png` pairs (the id is the first word's file stem); every id is
     checked against the VOC id grammar (pipeline.voc.ID_PATTERN)."""
-    from pipeline.voc import ID_PATTERN
+    from pipeline.data.voc import ID_PATTERN
 
     ids = []
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
@@ -105,7 +106,7 @@ def _add_aug(p: Params, new_raw: Path, voc_root: Path, in_place: bool, progress:
              downloads: Path) -> dict:
     """train_aug from SBD (data.sbd_source, else the data.sbd_url download) or from a
     SegmentationClassAug folder. Returns the RawLayout fields that change."""
-    from pipeline.sbd import build_train_aug, read_ids
+    from pipeline.data.sbd import build_train_aug, read_ids
 
     limits = ExtractLimits.from_params(p.data)
     local = p.data.sbd_source
@@ -164,7 +165,7 @@ def _fetch_into(p: Params, new_raw: Path, progress: bool) -> RawLayout:
         if p.data.sbd_source:
             raise UserError("data.sbd_source adds SBD to a VOC source; data.source=synthetic has none "
                             "(data.sbd_source)")
-        from pipeline.synthetic import generate
+        from pipeline.data.synthetic import generate
 
         generate(new_raw / "VOCdevkit" / "VOC2012", p.data.synthetic, progress=progress)
         return RawLayout(source=src, voc_root="VOCdevkit/VOC2012", splits=splits)
@@ -246,7 +247,7 @@ def fetch_weights(p: Params, progress: bool = True) -> list[Path]:
     weights/manifest.json (also when no family names one) for DVC."""
     import json
 
-    from pipeline.download import sha256sum
+    from pipeline.data.download import sha256sum
     from seg_models import BACKBONE_WEIGHTS, model_info
 
     got: dict[str, str] = {}

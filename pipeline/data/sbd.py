@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.palette import save_mask_png
+from pipeline.data.palette import save_mask_png
 
 __all__ = ["build_train_aug", "load_sbd_mask", "read_ids"]
 
@@ -35,7 +35,7 @@ _PARALLEL_MIN = 500  # fewer conversions than this: not worth starting processes
 def read_ids(path: Path) -> list[str]:
     """Ids of an ImageSets-style list (one id per line; blank lines ignored), each checked
     against the VOC id grammar (pipeline.voc.read_id_list)."""
-    from pipeline.voc import read_id_list
+    from pipeline.data.voc import read_id_list
 
     path = Path(path)
     if not path.is_file():

@@ -2,7 +2,7 @@
 
 The driver validates everything first (bad params never start Ray), creates the MLflow run and
 hands its id to Ray. Each worker reads a disjoint part of the shards and runs the training step of
-pipeline.engine; the confusion matrix is all-reduced before any metric is computed. Rank 0
+pipeline.training.engine; the confusion matrix is all-reduced before any metric is computed. Rank 0
 checkpoints every epoch (model, optimizer, scheduler, scaler, epoch) through Ray Train; a
 controller callback logs each reported epoch to MLflow and prints one progress line, so the
 metric history follows the checkpoints (a restarted worker group never logs an epoch twice).
@@ -25,7 +25,8 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.config import Params, family_params
 from pipeline.errors import UserError
-from pipeline.voc import NUM_CLASSES, VOC_CLASSES
+from pipeline.data.voc import NUM_CLASSES, VOC_CLASSES
+from pipeline.storage import REPO
 
 
 class TrainingFailed(UserError):
@@ -101,7 +102,7 @@ def check_model(model: str, options: dict, where: str = "train.model") -> None:
 
 
 def check_data(p: Params) -> dict:
-    from pipeline.data import load_manifest
+    from pipeline.data.loaders import load_manifest
 
     manifest = load_manifest(p.data.dir)
     for split in ("train", "val"):
@@ -142,10 +143,10 @@ def build_loaders(cfg: dict, rank: int, world_size: int, epoch: int):
     import torch
     from torch.utils.data import DataLoader
 
-    from pipeline.data import BlockShuffleSampler, ShardDataset, eval_transform, train_transform
+    from pipeline.data.loaders import BlockShuffleSampler, ShardDataset, eval_transform, train_transform
 
-    # uint8 images and masks: pipeline.engine normalises them on the device (`segpipe bench loader`)
-    # tune trials: train_split "train-tune", val_split "tune" (pipeline.tune); a training run: train / val
+    # uint8 images and masks: pipeline.training.engine normalises them on the device (`segpipe bench loader`)
+    # tune trials: train_split "train-tune", val_split "tune" (pipeline.stages.tune); a training run: train / val
     train_ds = ShardDataset(cfg["data_dir"], cfg.get("train_split", "train"), train_transform(cfg["crop_size"], cfg["scale_min"], cfg["scale_max"],
                                                                        normalize=False),
                             rank=rank, world_size=world_size, pad=True)
@@ -168,9 +169,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train.torch
     import torch
 
-    from pipeline import dist as collective
-    from pipeline import engine
-    from pipeline.metrics import scores
+    from pipeline.training import dist as collective
+    from pipeline.training import engine
+    from pipeline.training.metrics import scores
     from seg_models import build_model
 
     ctx = ray.train.get_context()
@@ -224,7 +225,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             if os.environ.get("SEGPIPE_PID_DIR"):
                 Path(os.environ["SEGPIPE_PID_DIR"], f"nan-{rank}-{exc.epoch}-{exc.step}").touch()
             raise RuntimeError(f"segpipe: {exc}") from None
-        # every collective goes through pipeline.dist (on the training device), at every world size
+        # every collective goes through pipeline.training.dist (on the training device), at every world size
         sums = collective.all_reduce(torch.tensor([stats["loss"] * stats["images"], stats["images"],
                                                    stats["img_per_s"]], dtype=torch.float64), device)
         metrics = {"epoch": epoch + 1, "train/loss": float(sums[0] / max(1.0, float(sums[1]))),
@@ -325,7 +326,7 @@ def ray_init(p: Params):
         return
     address = p.ray.address or os.environ.get("RAY_ADDRESS", "")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}}
+    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO)}}
     # worker logs stay in Ray's session logs (progress comes through ProgressPrinter);
     # SEGPIPE_RAY_LOGS=1 streams them here as well
     logs = os.environ.get("SEGPIPE_RAY_LOGS", "") not in ("", "0")
@@ -358,7 +359,7 @@ def fit(job: Job, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline import dist as collective
+    from pipeline.training import dist as collective
 
     p = job.params
     gpu = use_gpu(p)
@@ -461,7 +462,7 @@ def train(p: Params, family: str | None = None, progress: bool = True, *, label:
         check_data(p)
         tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
         if p.data.verify_shards:
-            from pipeline.data import verify_shards
+            from pipeline.data.loaders import verify_shards
 
             verify_shards(p.data.dir)  # every shard against manifest.json, before Ray
     job.storage_path = storage.resolve(p.ray.storage_path)  # local/shared path or s3://, gs://
@@ -514,7 +515,7 @@ def finish(job: Job, result, seconds: float) -> dict:
     import torch
 
     from pipeline import tracking
-    from pipeline.reporting import confusion_png, prediction_grid
+    from pipeline.reporting.figures import confusion_png, prediction_grid
 
     p = job.params
     final = dict(result.metrics or {})
@@ -579,7 +580,7 @@ def finish(job: Job, result, seconds: float) -> dict:
             sig = mlflow.models.infer_signature(example.numpy(), out.numpy())
             mlflow.pytorch.log_model(model, name="model", signature=sig, serialization_format="pickle",
                                      pip_requirements=["torch", "torchvision"],
-                                     code_paths=[str(Path(__file__).resolve().parent.parent / "seg_models")])
+                                     code_paths=[str(REPO / "seg_models")])
     return summary
 
 
@@ -645,7 +646,7 @@ def train_all(p: Params, progress: bool = True) -> list[RunOutcome]:
     uri = tracking.resolve_tracking_uri(p.mlflow.tracking_uri)
     tracking.preflight(p)
     if p.data.verify_shards:
-        from pipeline.data import verify_shards
+        from pipeline.data.loaders import verify_shards
 
         verify_shards(p.data.dir)
     tracking.experiment_id(tracking.client(uri), p.mlflow.experiment)  # created once, not raced by the runs

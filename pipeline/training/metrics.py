@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.voc import IGNORE_INDEX, VOC_CLASSES
+from pipeline.data.voc import IGNORE_INDEX, VOC_CLASSES
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,

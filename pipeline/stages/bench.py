@@ -12,7 +12,7 @@ measured in the same run, and write <out>/<what>.json (machine info included) an
   model       forward+backward and inference ms/batch of our models vs torchvision's identical
               ones (same weights), channels_last off/on, torch.compile off/on (--compile).
   ray         img/s of the Ray Train loop (pipeline.train.fit) vs a plain single-process loop
-              (pipeline.engine) on the same data and model; 1 vs 2 workers.
+              (pipeline.training.engine) on the same data and model; 1 vs 2 workers.
   pipeline    wall-clock of each DVC stage of the quickstart (2 epochs unless --full) in a scratch
               copy of the repo, then of a no-op `dvc repro`.
   gpu         benchmarks/gpu_bench.py: pure-torch training of each family at the full recipe's crop
@@ -36,10 +36,11 @@ import time
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.storage import REPO
 
 NEEDS_PARAMS = False
 WHAT = ("loader", "preprocess", "model", "ray", "pipeline", "gpu", "verify", "md")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 TV_IDENTICAL = ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 
 
@@ -260,8 +261,8 @@ def make_voc(root: Path, n_train: int, n_val: int, height: int = 375, width: int
     from PIL import Image
 
     from pipeline.config import SyntheticParams
-    from pipeline.palette import save_mask_png
-    from pipeline.synthetic import make_scene
+    from pipeline.data.palette import save_mask_png
+    from pipeline.data.synthetic import make_scene
 
     voc = root / "VOCdevkit" / "VOC2012"
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -298,8 +299,8 @@ def make_voc(root: Path, n_train: int, n_val: int, height: int = 375, width: int
 def make_shards(voc_root: Path, data_dir: Path, workers: int = 0):
     """fetch (read in place) + preprocess, as `segpipe fetch/preprocess -S data.source=<voc_root>` do."""
     from pipeline.config import DataParams, Params
-    from pipeline.fetch import fetch
-    from pipeline.preprocess import preprocess
+    from pipeline.stages.fetch import fetch
+    from pipeline.stages.preprocess import preprocess
 
     p = Params(data=DataParams(source=str(voc_root), dir=str(data_dir), workers=workers))
     fetch(p, progress=False)
@@ -327,13 +328,13 @@ class ReferenceTrainTransform:
     """The train augmentation as separate torchvision.transforms.v2 steps -- what one writes with
     torchvision: resize the whole image by a random factor, flip, pad, crop, ToDtype + Normalize.
     Same distribution as pipeline.data.train_transform (which fuses them, see RandomScaleCrop);
-    the loaders' baseline, and pipeline.data's train transform before `segpipe bench loader`."""
+    the loaders' baseline, and pipeline.data.loaders's train transform before `segpipe bench loader`."""
 
     def __init__(self, crop: int, scale_min: float = 0.5, scale_max: float = 2.0):
         import torch
         from torchvision.transforms import v2
 
-        from pipeline import data as D
+        from pipeline.data import loaders as D
 
         self.lo, self.hi = scale_min, scale_max
         self.flip, self.pad, self.crop = v2.RandomHorizontalFlip(), D.PadTo(crop), v2.RandomCrop(crop)
@@ -381,7 +382,7 @@ class AugmentBatch:
         import numpy as np
         from torchvision import tv_tensors
 
-        from pipeline.data import decode_image, decode_mask, train_transform
+        from pipeline.data.loaders import decode_image, decode_mask, train_transform
 
         t = train_transform(self.crop, self.scale_min, self.scale_max, normalize=False)  # as segpipe train's loader
         pairs = [t(tv_tensors.Image(decode_image(i)), tv_tensors.Mask(decode_mask(m)))
@@ -418,8 +419,8 @@ def bench_loader(args, out: Path) -> dict:
     from torch.utils.data import DataLoader
     from torchvision.datasets import VOCSegmentation
 
-    from pipeline.data import BlockShuffleSampler, ShardDataset, train_transform
-    from pipeline.train import build_loaders
+    from pipeline.data.loaders import BlockShuffleSampler, ShardDataset, train_transform
+    from pipeline.stages.train import build_loaders
 
     n = args.images or (48 if args.quick else 200)
     workers = args.workers if args.workers is not None else (0 if args.quick else 2)
@@ -501,7 +502,7 @@ def bench_loader(args, out: Path) -> dict:
     notes.append("Same 500x375 JPEGs / PNG masks, same augmentation (scale 0.5-2, flip, pad, crop), "
                  f"batch {batch}, {workers} DataLoader worker(s); an epoch = building the loader + one pass. 'float out' "
                  "loaders hand over normalised float32 images and int64 masks; 'uint8 out' hands over uint8 images and "
-                 "masks, which pipeline.engine normalises and widens on the device (the GPU in a real run).")
+                 "masks, which pipeline.training.engine normalises and widens on the device (the GPU in a real run).")
     settings = {"images": n, "workers": workers, "batch_size": batch, "crop": crop, "rounds": rounds,
                 "scale": list(scale), "image_size": [375, 500]}
     return report("loader", out, columns, rows, goals, settings, notes,
@@ -509,7 +510,7 @@ def bench_loader(args, out: Path) -> dict:
 
 
 def _ray_data_rate(cfg: dict, work: Path, batch: int, crop: int, scale, workers: int, rounds: int) -> dict:
-    from pipeline.data import ray_dataset
+    from pipeline.data.loaders import ray_dataset
 
     cpus = max(2, workers)
     t0 = time.perf_counter()
@@ -550,7 +551,7 @@ _PREPROCESS_CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from pipeline.config import load_params
-from pipeline.preprocess import preprocess
+from pipeline.stages.preprocess import preprocess
 p = load_params(sys.argv[1])
 t1 = time.perf_counter()
 manifest = preprocess(p, progress=False)
@@ -603,7 +604,7 @@ def bench_preprocess(args, out: Path) -> dict:
     import yaml
 
     from pipeline.config import load_params
-    from pipeline.fetch import fetch
+    from pipeline.stages.fetch import fetch
 
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([60, 180] if args.quick else [1000, 3000])
     if len(sizes) < 2 or any(s < 1 for s in sizes):
@@ -821,9 +822,9 @@ def _plain_loop(cfg: dict, threads: int) -> dict:
     """The same work as train_loop_per_worker with 1 worker, without Ray: one process, no DDP."""
     import torch
 
-    from pipeline import engine
-    from pipeline.train import _seed_everything, build_loaders
-    from pipeline.voc import NUM_CLASSES
+    from pipeline.training import engine
+    from pipeline.stages.train import _seed_everything, build_loaders
+    from pipeline.data.voc import NUM_CLASSES
     from seg_models import build_model
 
     old = torch.get_num_threads()
@@ -853,9 +854,9 @@ def _plain_loop(cfg: dict, threads: int) -> dict:
 
 def bench_ray(args, out: Path) -> dict:
     from pipeline.config import DataParams, Params, RayParams, SyntheticParams, TrainParams
-    from pipeline.fetch import fetch
-    from pipeline.preprocess import preprocess
-    from pipeline.train import Job, fit, worker_config
+    from pipeline.stages.fetch import fetch
+    from pipeline.stages.preprocess import preprocess
+    from pipeline.stages.train import Job, fit, worker_config
 
     n = args.images or (16 if args.quick else 64)
     epochs = args.epochs or (2 if args.quick else 4)
@@ -920,7 +921,7 @@ def bench_ray(args, out: Path) -> dict:
     plain_rates = [v for r in runs["plain"] for v in steady(r["img_per_s"])]
     base_rate = median(plain_rates)
     columns = ["loop", "processes x threads", "img/s (median epoch)", "steps/s per process", "wall s (run)", "vs plain"]
-    rows.append(["plain torch loop (pipeline.engine)", f"1 x {threads}", round(base_rate, 1), round(base_rate / batch, 2),
+    rows.append(["plain torch loop (pipeline.training.engine)", f"1 x {threads}", round(base_rate, 1), round(base_rate / batch, 2),
                  round(median([r["wall_s"] for r in runs["plain"]]), 1), 1.0])
     rate = {}
     for workers in worker_counts:
@@ -987,7 +988,7 @@ def bench_pipeline(args, out: Path) -> dict:
     import shutil
 
     from pipeline.config import load_params
-    from pipeline.quickstart import profile_overrides
+    from pipeline.stages.quickstart import profile_overrides
 
     bindir = Path(sys.executable).parent
     dvc = str(bindir / "dvc") if (bindir / "dvc").exists() else "dvc"
@@ -1022,7 +1023,7 @@ def bench_pipeline(args, out: Path) -> dict:
         missing = [t for t in targets if not any(s == t or s.startswith(t + "@") for s in stages)]
         if missing:
             raise UserError(f"no stage {', '.join(missing)} in dvc.yaml (has {', '.join(stages)}) (--stages)")
-        from pipeline import quickstart
+        from pipeline.stages import quickstart
 
         set_params = getattr(quickstart, "dvc_set_params", lambda os_: [x for o in os_ for x in ("-S", o)])
         cmd = [dvc, "exp", "run", *set_params(overrides), *targets]  # what `segpipe quickstart` runs
@@ -1107,7 +1108,7 @@ def bench_verify(args, out: Path) -> dict:
     --crop, one process: a lower bound on a training epoch), and its throughput in GB/s."""
     import shutil
 
-    from pipeline.data import ShardDataset, train_transform, verify_shards
+    from pipeline.data.loaders import ShardDataset, train_transform, verify_shards
 
     n = args.images or (40 if args.quick else 400)
     crop = args.crop or 513

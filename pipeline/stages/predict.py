@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.voc import VOC_CLASSES
+from pipeline.data.voc import VOC_CLASSES
 
 NEEDS_PARAMS = False  # run() reads params.yaml when there is one
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -102,7 +102,7 @@ def load_model(spec: str, p: Params, device) -> tuple[object, int | None, str]:
     if not path.is_file():
         raise UserError(f"no such checkpoint: {spec} (give models/<family>-seed<N>.pt or "
                         "models:/segpipe-<family>@best) (--model)")
-    from pipeline.train import load_checkpoint_model
+    from pipeline.stages.train import load_checkpoint_model
 
     try:
         model, state = load_checkpoint_model(path)  # torch.load(weights_only=True): data never runs code
@@ -120,7 +120,7 @@ def load_run_checkpoint(uri: str, run_id: str, what: str):
     import tempfile
 
     from pipeline.tracking import CHECKPOINT_ARTIFACT, download_checkpoint
-    from pipeline.train import load_checkpoint_model
+    from pipeline.stages.train import load_checkpoint_model
 
     with tempfile.TemporaryDirectory(prefix="segpipe-ckpt-") as tmp:
         path = download_checkpoint(uri, run_id, Path(tmp))
@@ -240,8 +240,8 @@ def predict(p: Params, model_spec: str, images: list[str], out: str | Path, size
     end when some images could not be read (after the others are written)."""
     import torch
 
-    from pipeline.palette import save_mask_png
-    from pipeline.reporting import overlay, predict_mask
+    from pipeline.data.palette import save_mask_png
+    from pipeline.reporting.figures import overlay, predict_mask
 
     from pipeline.config import MAX_SIDE, MAX_SIDE_REASON
 

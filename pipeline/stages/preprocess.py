@@ -25,10 +25,10 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import Params
-from pipeline.download import sha256sum
+from pipeline.data.download import sha256sum
 from pipeline.errors import UserError
-from pipeline.datadir import clean_debris, os_error, writer_lock
-from pipeline.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, RawLayout, read_id_list
+from pipeline.storage import clean_debris, os_error, writer_lock
+from pipeline.data.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, RawLayout, read_id_list
 
 SCHEMA = pa.schema(
     [
@@ -164,7 +164,7 @@ def tune_split_ids(train_ids: list[str], spec: float | list[str]) -> set[str]:
 
 
 def preprocess(p: Params, progress: bool = True) -> dict:
-    """Under the data.dir writer lock (pipeline.datadir): one writer at a time, debris of an
+    """Under the data.dir writer lock (pipeline.storage): one writer at a time, debris of an
     interrupted run removed first; an OSError while writing is one `error:` line."""
     data_dir = Path(p.data.dir)
     if data_dir.exists() and not data_dir.is_dir():

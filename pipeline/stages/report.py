@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.voc import NUM_CLASSES, VOC_CLASSES
+from pipeline.data.voc import NUM_CLASSES, VOC_CLASSES
 
 METRICS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
 FIGURES = "figures"
@@ -342,7 +342,7 @@ def device_name(device) -> str:
 def load_logged_model(uri: str, run_id: str, device):
     """A train run's model from its checkpoint artifact (weights_only=True: no pickle of a module is
     ever loaded), eval mode, on `device`."""
-    from pipeline.predict import load_run_checkpoint
+    from pipeline.stages.predict import load_run_checkpoint
 
     model, _ = load_run_checkpoint(uri, run_id, f"run {run_id}")
     return model.to(device).eval()
@@ -502,7 +502,7 @@ SHARED_KEYS = ("train.epochs", "train.batch_size", "ray.num_workers", "train.cro
 
 
 def data_counts(p: Params) -> str:
-    from pipeline.data import load_manifest, shard_dir
+    from pipeline.data.loaders import load_manifest, shard_dir
 
     try:
         m = load_manifest(p.data.dir)
@@ -518,7 +518,7 @@ def build(p: Params, progress: bool = True) -> dict:
     """Collect, measure, register, draw and write. Returns the comparison.json content."""
     import torch
 
-    from pipeline import reporting
+    from pipeline.reporting import figures as reporting
 
     from pipeline.tracking import fluent_uri
 
@@ -606,7 +606,7 @@ def publish(staging: Path, out_dir: Path) -> None:
 
 def draw(groups, samples, predictions, trials, fig_dir: Path, dev_name: str) -> dict[str, str]:
     """Every PNG; returns name -> path relative to the report."""
-    from pipeline import reporting
+    from pipeline.reporting import figures as reporting
 
     fig_dir.mkdir(parents=True)
     figs: dict[str, str] = {}
@@ -683,7 +683,7 @@ def _short_device(name: str) -> str:
 
 def report_anchors(p: Params, groups: list[Group]) -> dict[str, dict]:
     """family -> the published figure its runs' profile (tag `profile`, else params `profile`) aims at."""
-    from pipeline.quickstart import profile_anchors
+    from pipeline.stages.quickstart import profile_anchors
 
     out = {}
     for g in groups:

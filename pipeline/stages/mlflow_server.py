@@ -183,7 +183,7 @@ def auth_setup(args, store: str) -> tuple[dict, Path]:
 
 
 def run(p: Params, args) -> int:
-    from pipeline import ui
+    from pipeline.stages import ui
 
     store = p.mlflow.tracking_uri  # the backend store itself: MLFLOW_TRACKING_URI (the server's URL) does not apply
     if store.startswith(("http://", "https://", "databricks")):

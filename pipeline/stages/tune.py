@@ -8,7 +8,7 @@ fcn8s_vgg16) or an optimiser setting (`lr`, `weight_decay`, `momentum`); its val
 The whole space is checked before any trial starts: unknown entries and values that do not build
 (every choice is built on the meta device) are `error: ...`, exit 2.
 
-Each trial is a function trainable that builds the TorchTrainer of `segpipe train` (pipeline.train:
+Each trial is a function trainable that builds the TorchTrainer of `segpipe train` (pipeline.stages.train:
 resolve_job / fit / train_loop_per_worker, no second loop) and forwards its per-epoch reports to
 Tune with TuneReportCallback; ASHA stops the weak trials on `val/mIoU` (time attribute: epoch).
 MLflow: one parent run per family and tune (stage=tune) and one nested child run per trial
@@ -109,7 +109,7 @@ def _strip_where(msg: str) -> str:
 
 
 def _build_error(where: str, model: str, options: dict) -> str | None:
-    from pipeline.train import check_model
+    from pipeline.stages.train import check_model
 
     try:
         check_model(model, options)
@@ -351,7 +351,7 @@ def trial_params(p: Params, space: Space, values: dict) -> Params:
 def trial_splits(p: Params) -> dict:
     """Where trials train and select: train-minus-tune / tune when preprocess wrote a tune split
     (data.tune_split), else train / val (the published split: the report says so)."""
-    from pipeline.data import load_manifest
+    from pipeline.data.loaders import load_manifest
 
     if load_manifest(p.data.dir)["splits"].get("tune", {}).get("count", 0):
         return {"train_split": "train-tune", "val_split": "tune"}
@@ -372,12 +372,12 @@ def _find_child(uri: str, experiment: str, parent_run_id: str, trial_id: str):
 
 
 def run_trial(config: dict, ctx: dict) -> None:
-    """The function trainable: one TorchTrainer run of pipeline.train, reported to Tune."""
+    """The function trainable: one TorchTrainer run of pipeline.stages.train, reported to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline import tracking
-    from pipeline.train import fit, make_epoch_callback, resolve_job
+    from pipeline.stages.train import fit, make_epoch_callback, resolve_job
 
     space: Space = ctx["space"]
     values = decode(space, config)
@@ -550,7 +550,7 @@ def tune_family(p: Params, space: Space) -> dict:
     from ray import tune
 
     from pipeline import storage, tracking
-    from pipeline.train import ray_init
+    from pipeline.stages.train import ray_init
 
     family, t = space.family, p.tune
     uri = tracking.resolve_tracking_uri(p.mlflow.tracking_uri)
@@ -1155,11 +1155,11 @@ def run(p: Params, args) -> int:
               + f" (from {', '.join(str(out_dir(p, f) / 'best_config.json') for f in families)})")
         return 0
     spaces = [resolve_space(p, fam) for fam in families]  # the whole space is checked before any trial
-    from pipeline.train import check_data
+    from pipeline.stages.train import check_data
 
     check_data(p)
     from pipeline import tracking
-    from pipeline.data import verify_shards
+    from pipeline.data.loaders import verify_shards
 
     tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
     if p.data.verify_shards:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.palette import VOC_PALETTE
-from pipeline.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
+from pipeline.data.palette import VOC_PALETTE
+from pipeline.data.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
 
 
 def _plt():
@@ -65,7 +65,7 @@ def predict_mask(model, image, eval_size: int) -> np.ndarray:
     import torch
     from torchvision import tv_tensors
 
-    from pipeline.data import eval_transform
+    from pipeline.data.loaders import eval_transform
 
     h, w = image.shape[-2:]
     x, _ = eval_transform(eval_size)(tv_tensors.Image(image), tv_tensors.Mask(torch.zeros(h, w, dtype=torch.uint8)))
@@ -81,7 +81,7 @@ def predict_mask(model, image, eval_size: int) -> np.ndarray:
 
 def val_samples(data_dir, count: int):
     """The first `count` val images of the shards: (id, uint8 3xHxW image tensor, truth HxW array)."""
-    from pipeline.data import ShardDataset, decode_image, decode_mask
+    from pipeline.data.loaders import ShardDataset, decode_image, decode_mask
 
     raw = ShardDataset(data_dir, "val")
     out = []

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.metrics import confusion_matrix
-from pipeline.voc import IGNORE_INDEX
+from pipeline.training.metrics import confusion_matrix
+from pipeline.data.voc import IGNORE_INDEX
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,7 +108,7 @@ def _autocast(opts: StepOptions):
 
 def _to_device(images, targets, opts: StepOptions):
     images = images.to(opts.device, non_blocking=True)
-    if images.dtype == torch.uint8:  # the loaders' uint8 batches (pipeline.data, normalize=False)
+    if images.dtype == torch.uint8:  # the loaders' uint8 batches (pipeline.data.loaders, normalize=False)
         images = normalize_uint8(images)
     if opts.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
