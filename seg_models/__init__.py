@@ -7,7 +7,7 @@ See ``list_models()``, ``model_info(name)`` and docs/models.md.
 """
 
 from .backbones import BACKBONE_WEIGHTS
-from .registry import build_model, effective_atrous_rates, list_models, model_info
+from .registry import FAMILIES, build_model, effective_atrous_rates, family_info, list_models, model_info
 from .summary import format_table, model_table
 
-__all__ = ["BACKBONE_WEIGHTS", "build_model", "effective_atrous_rates", "format_table", "list_models", "model_info", "model_table"]
+__all__ = ["BACKBONE_WEIGHTS", "FAMILIES", "family_info", "build_model", "effective_atrous_rates", "format_table", "list_models", "model_info", "model_table"]

@@ -113,3 +113,34 @@ def build_model(name: str, num_classes: int = 21, **options: Any) -> nn.Module:
     positive_int("num_classes", num_classes)
     kwargs = {k: o.parse(k, options[k]) if k in options else o.default for k, o in entry.options.items()}
     return entry.builder(num_classes=num_classes, **kwargs)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the pipeline needs to know about a family, beyond its models: how to show it, its named
+    variants (a tune `variant` entry picks one), which option applies only when another has given
+    values, and which of its models match a torchvision builder exactly (benchmarks compare them)."""
+
+    display: str
+    color: str
+    variants: dict[str, str]
+    applies_only: dict[str, tuple[str, tuple[Any, ...]]]
+    torchvision_identical: tuple[str, ...]
+
+
+FAMILIES: dict[str, Family] = {
+    "fcn": Family("FCN", "#1f77b4", {"32s": "fcn32s_vgg16", "16s": "fcn16s_vgg16", "8s": "fcn8s_vgg16"}, {},
+                  ("fcn_resnet50",)),
+    "deeplabv3": Family("DeepLabV3", "#ff7f0e", {},
+                        {"atrous_rates": ("aspp", ("parallel",))},  # cascade DeepLabV3 has no ASPP, so no rates
+                        ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large")),
+    "lraspp": Family("LRASPP", "#2ca02c", {}, {}, ("lraspp_mobilenet_v3_large",)),
+    "unet": Family("UNet", "#d62728", {}, {}, ()),
+}
+
+
+def family_info(family: str) -> Family:
+    """The Family record of a family name (ValueError naming the known ones)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[family]

@@ -70,3 +70,11 @@ def synthetic_shards(tmp_path_factory) -> Path:
     fetch(p, progress=False)
     preprocess(p, progress=False)
     return d
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _segpipe_logging():
+    """Stage functions called in-process log through the same handler `segpipe` sets up."""
+    from pipeline.cli import setup_logging
+
+    setup_logging()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.storage import REPO
+from pipeline.system import machine_info  # noqa: F401  (gpu_bench imports it from here)
 
 NEEDS_PARAMS = False
 WHAT = ("loader", "preprocess", "model", "ray", "pipeline", "gpu", "verify", "md")
@@ -71,44 +71,6 @@ def add_arguments(parser) -> None:
 
 
 # --------------------------------------------------------------------------------- reporting
-
-def machine_info() -> dict:
-    """What a reader needs to compare figures: CPU, cores, memory, load, library versions, GPU."""
-    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count()}
-    try:
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()
-        info["mem_gb"] = round(int(mem[1]) / 2**20, 1)
-        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
-    except (OSError, IndexError, ValueError):
-        pass
-    try:
-        import torch
-        import torchvision
-
-        info["torch"], info["torchvision"] = torch.__version__, torchvision.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["cuda"] = torch.version.cuda
-            info["gpu_mem_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    except ImportError:
-        pass
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
 
 def fmt(v) -> str:
     if isinstance(v, float):
@@ -309,17 +271,12 @@ def make_shards(voc_root: Path, data_dir: Path, workers: int = 0):
 
 def start_local_ray(num_cpus: int, tmp: Path):
     """(ray, owned): the Ray this process is already connected to (e.g. a test's), or a new local one
-    of our own (address='local': never joins someone else's cluster) with its own temp dir, which
-    the caller shuts down when `owned`."""
+    of our own with its own temp dir, which the caller shuts down when `owned`."""
     import ray
 
-    if ray.is_initialized():
-        return ray, False
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    tmp.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(tmp), log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}})
-    return ray, True
+    from pipeline.system import ray_init
+
+    return ray, ray_init(num_cpus=num_cpus, temp_dir=tmp, log_to_driver=False)
 
 
 # --------------------------------------------------------------------------------- loader

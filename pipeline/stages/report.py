@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -313,32 +312,6 @@ def load_records(c, experiment_id: str, chosen: dict, p: Params) -> list[Group]:
 # ------------------------------------------------------------------------------ measurements
 
 
-def pick_device(choice: str):
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("report.device is cuda but no CUDA device is visible (report.device)")
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, torch {torch.__version__.split('+')[0]})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__.split('+')[0]})"
-
-
 def load_logged_model(uri: str, run_id: str, device):
     """A train run's model from its checkpoint artifact (weights_only=True: no pickle of a module is
     ever loaded), eval mode, on `device`."""
@@ -537,7 +510,9 @@ def build(p: Params, progress: bool = True) -> dict:
     missing = [f"{fam} seed {s}" for fam in p.families for s in p.seeds if (fam, s) not in chosen]
     say(f"report: {len(chosen)} runs ({len(groups)} families × seeds {p.seeds}) from {uri}")
 
-    device = pick_device(p.report.device)
+    from pipeline.system import device_name, pick_device
+
+    device = pick_device(p.report.device, "report.device")
     dev_name = device_name(device)
     samples = []
     if p.report.sample_images:

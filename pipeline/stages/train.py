@@ -319,28 +319,18 @@ class ProgressPrinter:
             pass
 
 
-def ray_init(p: Params):
-    import ray
+def ray_init(p: Params) -> bool:
+    """Ray for this command: ray.address / RAY_ADDRESS, else a local one (system.ray_init)."""
+    from pipeline import system
 
-    if ray.is_initialized():
-        return
-    address = p.ray.address or os.environ.get("RAY_ADDRESS", "")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO)}}
-    # worker logs stay in Ray's session logs (progress comes through ProgressPrinter);
-    # SEGPIPE_RAY_LOGS=1 streams them here as well
-    logs = os.environ.get("SEGPIPE_RAY_LOGS", "") not in ("", "0")
-    if address:  # a cluster (or a `ray job submit` driver): the job's runtime env applies
-        ray.init(address=address, log_to_driver=logs)
-    else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=logs)
+    return system.ray_init(p.ray.address)
 
 
 def use_gpu(p: Params) -> bool:
     if p.ray.use_gpu == "auto":
-        import ray
+        from pipeline import system
 
-        return ray.cluster_resources().get("GPU", 0) > 0
+        return system.ray_has_gpu()
     return bool(p.ray.use_gpu)
 
 

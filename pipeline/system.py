@@ -1,0 +1,124 @@
+"""The machine a command runs on: device choice, machine description, git commit, Ray start.
+
+Each is written once here; train, tune, report, predict and the benchmarks call these. ``ray`` is
+imported lazily (inside :func:`ray_init` / :func:`ray_has_gpu`) so the unit layer never needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.storage import REPO
+
+
+def pick_device(choice: str, knob: str = "device"):
+    """torch.device for ``auto`` (cuda when visible) / ``cpu`` / ``cuda``; ``cuda`` without a visible
+    CUDA device is a UserError naming ``knob``."""
+    import torch
+
+    if choice not in ("auto", "cpu", "cuda"):
+        raise UserError(f"{knob} must be auto, cpu or cuda, got {choice!r} ({knob})")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{knob} is cuda but no CUDA device is visible ({knob})")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device) -> str:
+    """One line naming the device figures were measured on (GPU model + CUDA, or CPU model + threads)."""
+    import torch
+
+    version = torch.__version__.split("+")[0]
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, torch {version})"
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads (torch {version})"
+
+
+def git_commit(short: bool = False) -> str:
+    """The checkout's commit ("unknown" outside a git checkout)."""
+    cmd = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict:
+    """What a reader needs to compare figures: CPU, cores, memory, load, library versions, GPU, commit."""
+    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "cpu": cpu_model()}
+    try:
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()
+        info["mem_gb"] = round(int(mem[1]) / 2**20, 1)
+        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        import torch
+        import torchvision
+
+        info["torch"], info["torchvision"] = torch.__version__, torchvision.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["cuda"] = torch.version.cuda
+            info["gpu_mem_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    except ImportError:
+        pass
+    info["git_commit"] = git_commit(short=True)
+    return info
+
+
+def ray_init(address: str = "", *, num_cpus: int | None = None, temp_dir: str | Path | None = None,
+             log_to_driver: bool | None = None) -> bool:
+    """Connect to Ray once per process; returns True when this call started a local Ray (the caller
+    owns it and may ``ray.shutdown()``), False when Ray was already up or a cluster was joined.
+
+    ``address`` (or RAY_ADDRESS): join that cluster, whose job runtime env applies. Empty: a local Ray
+    of our own (``address="local"`` never joins someone else's) with this checkout on PYTHONPATH.
+    Worker logs stay in Ray's session logs unless SEGPIPE_RAY_LOGS=1 (progress reaches the driver
+    through the trainers' callbacks)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if log_to_driver is None:
+        log_to_driver = os.environ.get("SEGPIPE_RAY_LOGS", "") not in ("", "0")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+        return False
+    kwargs = {"num_cpus": num_cpus} if num_cpus else {}
+    if temp_dir is not None:
+        Path(temp_dir).mkdir(parents=True, exist_ok=True)
+        kwargs["_temp_dir"] = str(temp_dir)
+    ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}}, **kwargs)
+    return True
+
+
+def ray_has_gpu() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
