@@ -51,7 +51,9 @@ def test_cluster_definitions_parse_and_use_real_commands(name):
         assert args and args[0] == "train"
         parser.parse_args(args)  # the stage and every flag exist (argparse raises on an unknown one)
         assert doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-        assert "MLFLOW_TRACKING_URI" in yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["env_vars"]
+        # the tracking server by an address every pod reaches, not an env var (it would win over -S)
+        assert "MLFLOW_TRACKING_URI" not in yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["env_vars"]
+        assert "mlflow.tracking_uri=http://mlflow:5000" in args and "--all" in args
     elif name == "ray-cluster.yaml":
         assert {"head", "gpu_worker"} <= set(doc["available_node_types"])
         cmds = [a for a in map(_segpipe_args, doc["setup_commands"] + doc["head_start_ray_commands"]) if a]
@@ -63,7 +65,9 @@ def test_cluster_definitions_parse_and_use_real_commands(name):
         for d in ("data/", ".venv/", "mlruns/"):
             assert d in doc["excludes"]
         assert doc["env_vars"]["PYTHONPATH"] == "."
-        assert doc["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http://")
+        # no tracking URI: jobs name the server by the head's address (-S mlflow.tracking_uri=...);
+        # an env var here would win over that, and 127.0.0.1 is each node itself
+        assert "MLFLOW_TRACKING_URI" not in doc["env_vars"]
 
 
 # ------------------------------------------------------------------------------ real services
