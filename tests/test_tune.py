@@ -338,6 +338,27 @@ def test_plots_heatmap_and_upsample_bars(tmp_path):
     assert all(p.stat().st_size > 5000 for p in tmp_path.glob("*.png"))
 
 
+def test_plots_follow_the_searched_entries_not_the_family(tmp_path):
+    """A UNet tune of lr only draws no upsample bars; one that searches upsample draws them (one bar
+    per model), and a DeepLabV3 tune of lr only draws no heat map."""
+    from pipeline.reporting.tune_figures import make_plots
+    from pipeline.tuning.space import Space
+
+    rows = [{"values": {"lr": 0.01 * (i + 1)}, "options": {"upsample": "transposed"}, "model": "unet",
+             "val_mIoU": 0.1 * (i + 1), "status": "completed"} for i in range(2)]
+    only_lr = Space(family="unet", model="unet", options={}, train={}, searched={"lr": ("loguniform", [0.001, 0.1])})
+    assert {p.name for p in make_plots(rows, only_lr, tmp_path)} == {"miou_vs_lr.png"}
+    dl = Space(family="deeplabv3", model="deeplabv3_resnet50", options={}, train={},
+               searched={"lr": ("loguniform", [0.001, 0.1])})
+    dl_rows = [{**r, "model": "deeplabv3_resnet50", "options": {}} for r in rows]
+    assert {p.name for p in make_plots(dl_rows, dl, tmp_path)} == {"miou_vs_lr.png"}
+    rows = [{"values": {"model": m, "upsample": u}, "options": {"upsample": u}, "model": m, "val_mIoU": 0.2,
+             "status": "completed"} for m in ("unet", "unet_resnet50") for u in ("bilinear", "transposed")]
+    both = Space(family="unet", model="unet", options={}, train={},
+                 searched={"model": ("grid", ["unet", "unet_resnet50"]), "upsample": ("grid", ["bilinear", "transposed"])})
+    assert "miou_by_upsample.png" in {p.name for p in make_plots(rows, both, tmp_path)}
+
+
 def test_family_train_block_schema_and_trial_batch(tmp_path, synthetic_shards):
     """families.<f>.train takes train keys (validated) but not the shared bookkeeping ones; a trial
     trains with the family's block at the training run's global batch."""
