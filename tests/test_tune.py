@@ -41,8 +41,9 @@ def tuned(ray_local, synthetic_shards, tmp_path_factory):
     """Run the tune in this process (the session's Ray), Ctrl-C it (SIGINT to this process, caught
     by Tune's handler) as soon as Tune has recorded the end of a first trial, resume it with
     tune.resume=true; return what the tests need."""
-    import pipeline.stages.tune as tune_mod
-    from pipeline.stages.tune import TuneInterrupted, resolve_space, tune_family
+    import pipeline.tuning.runner as tune_mod
+    from pipeline.tuning.runner import TuneInterrupted, tune_family
+    from pipeline.tuning.space import resolve_space
 
     work = tmp_path_factory.mktemp("tune")
     overrides = tune_overrides(synthetic_shards, work)
@@ -271,7 +272,7 @@ def test_bad_search_space_fails_before_any_trial(tmp_path, synthetic_shards):
 ])
 def test_bad_entries_name_the_entry(space, needles, tmp_path, synthetic_shards):
     from pipeline.errors import UserError
-    from pipeline.stages.tune import resolve_space
+    from pipeline.tuning.space import resolve_space
 
     p = load_params(ROOT / "params.yaml", tune_overrides(synthetic_shards, tmp_path) + [f"tune.space.fcn={json.dumps(space)}"])
     with pytest.raises(UserError) as err:
@@ -282,7 +283,7 @@ def test_bad_entries_name_the_entry(space, needles, tmp_path, synthetic_shards):
 
 def test_space_schema_and_joint_aspp_rates(tmp_path, synthetic_shards):
     from pipeline.config import ParamsError
-    from pipeline.stages.tune import _apply, decode, param_space, resolve_space
+    from pipeline.tuning.space import apply_values, decode, param_space, resolve_space
 
     with pytest.raises(ParamsError, match=r"tune.space: fcn.upsample: a search entry is one of"):
         load_params(ROOT / "params.yaml", ["tune.space.fcn={upsample: {grd: [bilinear]}}"])
@@ -297,13 +298,13 @@ def test_space_schema_and_joint_aspp_rates(tmp_path, synthetic_shards):
     assert len(ps["aspp+atrous_rates"]["grid_search"]) == 5 and ps["output_stride"]["grid_search"] == [8, 16]
     cascade = decode(space, {"aspp+atrous_rates": json.dumps({"aspp": "cascade", "atrous_rates": None}),
                              "output_stride": 16, "lr": 0.01, "weight_decay": 1e-4})
-    model, options, train = _apply(space, cascade)
+    model, options, train = apply_values(space, cascade)
     assert options["aspp"] == "cascade" and "atrous_rates" not in options and options["output_stride"] == 16
     assert train == {"lr": 0.01, "weight_decay": 1e-4}
     # FCN variants map to the registry names; optuna turns grids into choices
     p = load_params(ROOT / "params.yaml", ["families.fcn.options={upsample: transposed}"])
     fcn = resolve_space(p, "fcn")
-    assert _apply(fcn, decode(fcn, {"variant": "16s", "upsample": "unpool", "lr": 0.01, "weight_decay": 0.0}))[0] == "fcn16s_vgg16"
+    assert apply_values(fcn, decode(fcn, {"variant": "16s", "upsample": "unpool", "lr": 0.01, "weight_decay": 0.0}))[0] == "fcn16s_vgg16"
     from ray.tune.search.sample import Categorical
 
     assert param_space(fcn, "random")["variant"] == {"grid_search": ["32s", "16s", "8s"]}
@@ -313,7 +314,8 @@ def test_space_schema_and_joint_aspp_rates(tmp_path, synthetic_shards):
 def test_plots_heatmap_and_upsample_bars(tmp_path):
     """The DeepLabV3 heat map (atrous_rates x output_stride, one panel per aspp) and the FCN bars
     (upsampling method x variant) draw from trial rows."""
-    from pipeline.stages.tune import Space, make_plots
+    from pipeline.reporting.tune_figures import make_plots
+    from pipeline.tuning.space import Space
 
     rows = []
     for i, (rates, stride, aspp) in enumerate([([6, 12, 18], 8, "parallel"), ([12, 24, 36], 16, "parallel"),
@@ -336,12 +338,33 @@ def test_plots_heatmap_and_upsample_bars(tmp_path):
     assert all(p.stat().st_size > 5000 for p in tmp_path.glob("*.png"))
 
 
+def test_plots_follow_the_searched_entries_not_the_family(tmp_path):
+    """A UNet tune of lr only draws no upsample bars; one that searches upsample draws them (one bar
+    per model), and a DeepLabV3 tune of lr only draws no heat map."""
+    from pipeline.reporting.tune_figures import make_plots
+    from pipeline.tuning.space import Space
+
+    rows = [{"values": {"lr": 0.01 * (i + 1)}, "options": {"upsample": "transposed"}, "model": "unet",
+             "val_mIoU": 0.1 * (i + 1), "status": "completed"} for i in range(2)]
+    only_lr = Space(family="unet", model="unet", options={}, train={}, searched={"lr": ("loguniform", [0.001, 0.1])})
+    assert {p.name for p in make_plots(rows, only_lr, tmp_path)} == {"miou_vs_lr.png"}
+    dl = Space(family="deeplabv3", model="deeplabv3_resnet50", options={}, train={},
+               searched={"lr": ("loguniform", [0.001, 0.1])})
+    dl_rows = [{**r, "model": "deeplabv3_resnet50", "options": {}} for r in rows]
+    assert {p.name for p in make_plots(dl_rows, dl, tmp_path)} == {"miou_vs_lr.png"}
+    rows = [{"values": {"model": m, "upsample": u}, "options": {"upsample": u}, "model": m, "val_mIoU": 0.2,
+             "status": "completed"} for m in ("unet", "unet_resnet50") for u in ("bilinear", "transposed")]
+    both = Space(family="unet", model="unet", options={}, train={},
+                 searched={"model": ("grid", ["unet", "unet_resnet50"]), "upsample": ("grid", ["bilinear", "transposed"])})
+    assert "miou_by_upsample.png" in {p.name for p in make_plots(rows, both, tmp_path)}
+
+
 def test_family_train_block_schema_and_trial_batch(tmp_path, synthetic_shards):
     """families.<f>.train takes train keys (validated) but not the shared bookkeeping ones; a trial
     trains with the family's block at the training run's global batch."""
     from pipeline.config import ParamsError
     from pipeline.errors import UserError
-    from pipeline.stages.tune import resolve_space, trial_params
+    from pipeline.tuning.space import resolve_space, trial_params
 
     base = tune_overrides(synthetic_shards, tmp_path)
     for bad, needle in (("{models_dir: x}", "models_dir: not a per-family train setting"),
@@ -369,7 +392,7 @@ def test_tune_split_is_carved_from_train_and_trials_select_on_it(tmp_path, param
     from pipeline.errors import UserError
     from pipeline.stages.fetch import fetch
     from pipeline.stages.preprocess import preprocess
-    from pipeline.stages.tune import trial_splits
+    from pipeline.tuning.space import trial_splits
     from tests.conftest import tree_snapshot
 
     d = tmp_path / "data"

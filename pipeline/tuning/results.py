@@ -1,0 +1,189 @@
+"""The result of a family's tune: one row per trial (status, epochs, val mIoU, values; its MLflow run
+tagged with the outcome and closed), the best trial, and <reports_dir>/tune/<family>/ with
+trials.csv, best_config.json (what --apply merges), metrics.json (the summary), best_params.yaml (a
+full params file: `segpipe train -p ...`) and plots/, swapped in whole; the same files on the
+parent MLflow run; the table printed at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from pipeline import storage
+from pipeline.config import Params
+from pipeline.reporting.tune_figures import make_plots
+from pipeline.tracking import tune as tune_runs
+from pipeline.tuning.space import METRIC, TRAIN_KEYS, Space, apply_values, decode, show
+
+log = logging.getLogger(__name__)
+FILES = ("trials.csv", "best_params.yaml", "best_config.json", "metrics.json")
+
+
+def out_dir(p: Params, family: str) -> Path:
+    return Path(p.train.reports_dir) / "tune" / family
+
+
+def trial_number(trial_id: str) -> int:
+    """Tune's trial ids end in a running index (3e4a1_00002 -> trial 3)."""
+    tail = trial_id.rsplit("_", 1)[-1]
+    return int(tail) + 1 if tail.isdigit() else 0
+
+
+def _status(trial, stopped_at) -> str:
+    if trial.status == "ERROR":
+        return "error"
+    if trial.status == "TERMINATED":
+        return "early_stopped" if stopped_at else "completed"
+    return trial.status.lower()
+
+
+def rows(p: Params, space: Space, trials, uri: str, parent_run_id: str) -> list[dict]:
+    """One row per trial (status completed / early_stopped / error / pending / running), its child run
+    tagged with the outcome and closed."""
+    children = tune_runs.trial_runs(uri, p.mlflow.experiment, parent_run_id)
+    out = []
+    for trial in sorted(trials, key=lambda tr: tr.trial_id):
+        last = trial.last_result or {}
+        run = children.get(trial.trial_id)
+        # the child run's history is the record of the epochs trained: Tune may have missed the report
+        # of an epoch in flight when it was interrupted or stopped the trial
+        history = [] if run is None else tune_runs.metric_history(uri, run.info.run_id, METRIC)
+        final = history[-1][1] if history else last.get(METRIC)
+        stopped_at = run.data.tags.get("tune.asha_stopped_at") if run is not None else None
+        status = _status(trial, stopped_at)
+        values = decode(space, trial.config)
+        model, options, train = apply_values(space, values)
+        if run is not None and status in ("completed", "early_stopped", "error"):
+            tune_runs.close_trial(uri, run, status)
+        logged = run.data.metrics if run is not None else last
+        out.append({
+            "trial": trial_number(trial.trial_id), "trial_id": trial.trial_id, "status": status,
+            "epochs": history[-1][0] if history else int(last.get("epoch") or 0),
+            "stopped_at": int(stopped_at) if stopped_at else None,
+            "val_mIoU": float(final) if final is not None else None,
+            "best_val_mIoU": max((v for _, v in history), default=final),
+            "val_pixel_acc": logged.get("val/pixel_acc"), "train_loss": logged.get("train/loss"),
+            "model": model, "options": options, "train": {**{k: getattr(p.train, k) for k in TRAIN_KEYS}, **train},
+            "values": values, "mlflow_run_id": run.info.run_id if run is not None else "",
+            "error": error_text(trial) if status == "error" else "",
+        })
+    return out
+
+
+def error_text(trial) -> str:
+    """The line of a failed trial's error that says what went wrong (segpipe's own, else the last *Error)."""
+    try:
+        err = trial.get_error()
+        text = str(err) if err else ""
+    except Exception:  # the error file may be gone
+        text = ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "segpipe:" in ln or "Error" in ln:
+            return ln[:300]
+    return (lines[-1] if lines else "trial failed")[:300]
+
+
+def summarize(space: Space, rows: list[dict], parent_run_id: str, name: str, seconds: float) -> tuple[dict, dict, dict]:
+    """(best row, metrics.json summary, best_config.json) of the trials that reported val/mIoU."""
+    ok = [r for r in rows if r["status"] != "error" and r["val_mIoU"] is not None]
+    best = max(ok, key=lambda r: (r["val_mIoU"], r["epochs"]))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "error")}
+    summary = {
+        "family": space.family, "best_val_mIoU": best["val_mIoU"], "best_epochs": best["epochs"],
+        "trials": len(rows), "completed": counts["completed"], "early_stopped": counts["early_stopped"],
+        "errored": counts["error"], "best_trial": best["trial_id"], "best_model": best["model"],
+        "best_config": {k: v if isinstance(v, (int, float, str)) else show(v) for k, v in best["values"].items()},
+        "mlflow_parent_run_id": parent_run_id, "mlflow_best_run_id": best["mlflow_run_id"],
+        "ray_experiment": name, "tune_seconds": round(seconds, 1),
+    }
+    best_config = {"family": space.family, "model": best["model"], "options": best["options"],
+                   "train": {k: v for k, v in best["train"].items() if k in space.searched or k in space.train},
+                   "values": best["values"], "val_mIoU": best["val_mIoU"], "epochs": best["epochs"],
+                   "trial_id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"],
+                   "mlflow_parent_run_id": parent_run_id}
+    return best, summary, best_config
+
+
+def finish(p: Params, space: Space, rows: list[dict], uri: str, parent_run_id: str, name: str, seconds: float) -> dict:
+    """Write <reports_dir>/tune/<family>/ (complete or not at all), log it on the parent run, print the table."""
+    family = space.family
+    best, summary, best_config = summarize(space, rows, parent_run_id, name, seconds)
+    final = out_dir(p, family)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=final.parent))
+    try:
+        (tmp / "plots").mkdir()
+        write_csv(rows, space, tmp / "trials.csv")
+        (tmp / "best_config.json").write_text(json.dumps(best_config, indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "best_params.yaml").write_text(best_params_yaml(p, family, best_config))
+        plots = make_plots(rows, space, tmp / "plots")
+        tune_runs.log_result(
+            uri, parent_run_id,
+            metrics={"best/val_mIoU": best["val_mIoU"], "tune/trials": summary["trials"],
+                     "tune/completed": summary["completed"], "tune/early_stopped": summary["early_stopped"],
+                     "tune/errored": summary["errored"], "tune/seconds": seconds},
+            params={**{f"best.{k}": show(v) for k, v in best["values"].items()}, "best.model": best["model"]},
+            tags={"best_trial_id": best["trial_id"], "best_run_id": best["mlflow_run_id"]},
+            files=[tmp / f for f in FILES], plots=plots)
+        storage.swap_in(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print_table(rows, space, best, final)
+    return summary
+
+
+def write_csv(rows: list[dict], space: Space, path: Path) -> None:
+    hps = list(space.searched)
+    cols = ["trial", "trial_id", "status", "epochs", "stopped_at", "val_mIoU", "best_val_mIoU", "val_pixel_acc",
+            "train_loss", "model", *hps, "mlflow_run_id", "error"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in _by_miou(rows):
+            vals = {**r, **{h: json.dumps(r["values"].get(h)) if isinstance(r["values"].get(h), (list, dict))
+                            else r["values"].get(h) for h in hps}}
+            w.writerow(["" if vals.get(c) is None else vals.get(c) for c in cols])
+
+
+def _by_miou(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: -(r["val_mIoU"] if r["val_mIoU"] is not None else -1))
+
+
+def best_params_yaml(p: Params, family: str, best: dict) -> str:
+    """The params the best trial ran with as a full params file (the family's own train block only)."""
+    d = p.model_dump(mode="json")
+    d["families"][family] = {"model": best["model"], "options": best["options"],
+                             "train": {**p.families[family].train, **best["train"]}}  # never the shared train block
+    d["tune"]["resume"] = False
+    where = out_dir(p, family)
+    head = (f"# segpipe tune: the best {family} trial ({best['trial_id']}, val mIoU {best['val_mIoU']:.4f} after "
+            f"{best['epochs']} epochs, MLflow run {best['mlflow_run_id']}) merged into the params it ran with.\n"
+            f"# searched: {', '.join(f'{k}={show(v)}' for k, v in best['values'].items()) or 'nothing'}\n"
+            f"# train it:  segpipe train -p {where / 'best_params.yaml'} --family {family}\n"
+            f"# or merge it into params.yaml:  segpipe tune --apply --family {family}\n")
+    return head + yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=110)
+
+
+def print_table(rows: list[dict], space: Space, best: dict, where: Path) -> None:
+    """The trials by val mIoU (the command's result: printed), then the best one (a progress line)."""
+    hps = list(space.searched)
+    widths = {h: max([len(h)] + [len(show(r["values"].get(h))) for r in rows]) for h in hps}
+    lines = [f"{'trial':>5}  {'status':<13} {'epochs':>6} {'val mIoU':>8}  " + "  ".join(f"{h:<{widths[h]}}" for h in hps)]
+    for r in _by_miou(rows):
+        miou = f"{r['val_mIoU']:.3f}" if r["val_mIoU"] is not None else "-"
+        mark = "*" if r is best else " "
+        lines.append(f"{r['trial']:>5}{mark} {r['status']:<13} {r['epochs']:>6} {miou:>8}  "
+                     + "  ".join(f"{show(r['values'].get(h)):<{widths[h]}}" for h in hps))
+    lines.append("(* best)")
+    print("\n".join(lines), flush=True)
+    log.info(f"[{space.family}] best: {best['model']} "
+             + ", ".join(f"{k}={show(v)}" for k, v in best["values"].items())
+             + f" -> val mIoU {best['val_mIoU']:.3f}; wrote {where}/best_params.yaml, metrics.json, trials.csv, plots/")

@@ -1,0 +1,295 @@
+"""Runs the Ray Tune search of one family: the function trainable (one TorchTrainer of `segpipe train`
+per trial, reported to Tune), the Tuner (new or restored), progress lines, and the clean-up of the
+placement groups of stopped trials (a private Ray API: reap_orphan_placement_groups).
+
+tune_family(p, space) -> the summary written to metrics.json; TuneInterrupted (exit 130, resumable
+with tune.resume=true) or TuneFailed (exit 1) otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from pipeline import storage, system, tracking
+from pipeline.config import Params
+from pipeline.errors import UserError
+from pipeline.stages.train import fit, make_epoch_callback, resolve_job  # TRAINING layer: moves to pipeline.training
+from pipeline.tracking import tune as tune_runs
+from pipeline.tuning import results
+from pipeline.tuning.results import trial_number
+from pipeline.tuning.asha import ASHA_STOPS, asha_scheduler, mark_asha_stop, restore_asha_rungs
+from pipeline.tuning.space import METRIC, Space, decode, expected_trials, param_space, show, trial_params, trial_splits
+
+log = logging.getLogger(__name__)
+
+
+class TuneInterrupted(UserError):
+    """The tune was stopped before every trial ended: resumable."""
+
+    exit_code = 130
+
+
+class TuneFailed(UserError):
+    """Every trial failed."""
+
+    exit_code = 1
+
+
+# ------------------------------------------------------------------------------ the trial (runs in Ray)
+
+
+def run_trial(config: dict, ctx: dict) -> None:
+    """The function trainable: one TorchTrainer run of pipeline.stages.train, reported to Tune."""
+    space: Space = ctx["space"]
+    values = decode(space, config)
+    p = trial_params(ctx["params"], space, values)
+    job = resolve_job(p, space.family)
+    trial_id = tune.get_context().get_trial_id()
+    job.storage_path, job.ray_name = ctx["train_storage"], trial_id
+    job.extra_config.update(trial_splits(p))
+    job.run_id = tune_runs.open_trial_run(
+        job.tracking_uri, p, family=space.family, model=job.model, options=job.options,
+        parent_run_id=ctx["parent_run_id"], trial_id=trial_id, ray_experiment=ctx["name"], splits=job.extra_config,
+        hp={k: show(v) for k, v in values.items()})
+    try:
+        fit(job, callbacks=[make_epoch_callback(job), TuneReportCallback()])
+    except BaseException:
+        tracking.end_run(job.tracking_uri, job.run_id, "FAILED")
+        raise
+    tracking.end_run(job.tracking_uri, job.run_id, "FINISHED")
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def reap_orphan_placement_groups() -> int:
+    """Remove the placement groups whose creating actor is dead; returns how many.
+
+    Ray Train V2 frees the workers' placement group of a controller that dies (as it does when ASHA
+    stops a trial: Tune kills the trial actor, which owns the controller) through a detached
+    cleaner actor that asks the State API whether the controller lives. Where several Ray instances
+    run on one machine that query fails ("Found multiple active Ray instances") and the group keeps
+    its CPUs until the tune's driver ends, so later trials wait for workers forever. A group is
+    only removed when the actor that created it is dead, so nothing alive loses resources."""
+    try:
+        from ray._private.state import state
+        from ray.core.generated import gcs_pb2
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        live = (gcs_pb2.PlacementGroupTableData.PENDING, gcs_pb2.PlacementGroupTableData.CREATED)
+        n = 0
+        for raw in state._connect_and_get_accessor().get_placement_group_table():
+            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            if (pg.state in live and pg.creator_actor_dead and not pg.is_detached and pg.creator_actor_id
+                    and not ray.ActorID(pg.creator_actor_id).is_nil()):
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+                n += 1
+        return n
+    except Exception:  # a private API (imported here so a move only disables this): Train's own cleaner is all there is
+        return 0
+
+
+class Progress(Callback):
+    """One line per trial epoch and per trial end, in the driver; frees the placement groups of
+    stopped trials (reap_orphan_placement_groups)."""
+
+    def __init__(self, space: Space, max_epochs: int):
+        self.space, self.max_epochs = space, max_epochs
+        self.last_reap = 0.0
+
+    def on_step_begin(self, iteration, trials, **info):
+        if time.time() - self.last_reap > 2.0:
+            self.last_reap = time.time()
+            reap_orphan_placement_groups()
+
+    def _label(self, trial) -> str:
+        cfg = ", ".join(f"{k}={show(v)}" for k, v in decode(self.space, trial.config).items())
+        return f"[{self.space.family} trial {trial_number(trial.trial_id)} {trial.trial_id}] {cfg}"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        log.info(f"{self._label(trial)}: started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        val = f"  val mIoU {result[METRIC]:.3f}" if METRIC in result else ""
+        log.info(f"{self._label(trial)}: epoch {result.get('epoch')}/{self.max_epochs}  loss "
+                 f"{result.get('train/loss', float('nan')):.4f}{val}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epoch = (trial.last_result or {}).get("epoch", 0)
+        if trial.trial_id in ASHA_STOPS:
+            how = f"stopped early by ASHA at epoch {ASHA_STOPS[trial.trial_id]}"
+        elif epoch >= self.max_epochs:
+            how = "done"
+        else:  # resumed at its final checkpoint: its last epochs ran before the interruption
+            how = "done (its last epochs ran before the interruption)"
+        log.info(f"{self._label(trial)}: {how}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        log.info(f"{self._label(trial)}: FAILED (see {getattr(trial, 'error_file', None) or 'the Ray logs'})")
+
+
+def _progress_callback(space: Space, max_epochs: int) -> Callback:
+    return Progress(space, max_epochs)
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def storage_root(p: Params) -> str:
+    """ray.storage_path: a URI (s3://, gs://, ...) as is, a local path made absolute."""
+    return storage.resolve(Path(p.ray.storage_path).expanduser() if not storage.is_uri(p.ray.storage_path)
+                           else p.ray.storage_path)
+
+
+def check_resources(p: Params) -> None:
+    """A trial that can never get its CPUs would wait forever: fail first (a cluster may grow: warn)."""
+    need = p.tune.trainable_cpus + p.tune.num_workers * p.tune.cpus_per_worker
+    if ray.is_initialized():
+        have = ray.cluster_resources().get("CPU", 0.0)
+    elif not (p.ray.address or os.environ.get("RAY_ADDRESS")):
+        have = float(os.cpu_count() or 1)  # what a local ray.init() gets
+    else:
+        return
+    if need > have + 1e-9:
+        msg = (f"a trial needs {need:g} CPUs (tune.trainable_cpus + tune.num_workers x tune.cpus_per_worker) but "
+               f"Ray has {have:g}: lower tune.num_workers or tune.cpus_per_worker")
+        if p.ray.address or os.environ.get("RAY_ADDRESS"):
+            print(f"warning: {msg} (waiting for the cluster to grow)", file=sys.stderr, flush=True)
+        else:
+            raise UserError(f"{msg} (tune.cpus_per_worker)")
+
+
+def _resume_target(p: Params, family: str, uri: str) -> tuple[str, str] | None:
+    """(parent run id, Ray experiment name) of the latest unfinished tune of `family`, if restorable."""
+    run = tune_runs.latest_tune(uri, p.mlflow.experiment, family)
+    if run is None or run.info.status == "FINISHED":
+        return None
+    name = run.data.tags.get("ray_experiment", "")
+    if name and tune.Tuner.can_restore(f"{storage_root(p)}/{name}"):
+        return run.info.run_id, name
+    return None
+
+
+def _search_alg(p: Params):
+    if p.tune.search_alg == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch  # optional extra: only this search needs it
+        except ImportError:  # pragma: no cover - optuna is a dependency
+            raise UserError("tune.search_alg optuna needs the optuna package: pip install optuna (tune.search_alg)") from None
+        return OptunaSearch(seed=p.seed)
+    # a SearchGenerator ignores TuneConfig.max_concurrent_trials: it limits itself
+    return BasicVariantGenerator(random_state=p.seed, max_concurrent=p.tune.max_concurrent_trials)
+
+
+def _start(p: Params, space: Space, uri: str) -> tuple[str, str, bool]:
+    """(parent run id, Ray experiment name, resumed): the interrupted tune tune.resume continues, or a new one."""
+    family, t = space.family, p.tune
+    target = _resume_target(p, family, uri) if t.resume else None
+    if t.resume and target is None:
+        log.info(f"[{family}] tune.resume: no interrupted tune of {family} to continue: starting a new one")
+    if target:
+        parent_run_id, name = target
+        tune_runs.reopen(uri, parent_run_id)
+        log.info(f"[{family}] resuming tune {name} (MLflow run {parent_run_id})")
+        return parent_run_id, name, True
+    name = f"tune-{family}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent_run_id = tune_runs.start_tune(uri, p, family=family, model=space.model, options=space.options,
+                                         ray_experiment=name)
+    log.info(f"[{family}] tune {name}: {len(space.searched)} searched entr{'y' if len(space.searched) == 1 else 'ies'} "
+             f"({', '.join(space.searched) or 'none'}), search {t.search_alg}, ASHA on {METRIC} "
+             f"(grace {t.grace_period}, factor {t.reduction_factor}, max {t.max_epochs} epochs), MLflow run {parent_run_id}")
+    return parent_run_id, name, False
+
+
+def _tuner(p: Params, space: Space, trainable, uri: str, root: str, name: str, parent_run_id: str, resumed: bool):
+    t = p.tune
+    if resumed:
+        tuner = tune.Tuner.restore(f"{root}/{name}", trainable=trainable, resume_unfinished=True, resume_errored=True)
+        restore_asha_rungs(tuner, uri, p.mlflow.experiment, parent_run_id)
+        # the restored run config holds the callbacks pickled at the start: use this version's
+        run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+        if run_config is not None:
+            run_config.callbacks = [_progress_callback(space, t.max_epochs)]
+        return tuner
+    mark = functools.partial(mark_asha_stop, uri, p.mlflow.experiment, parent_run_id)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(space, t.search_alg),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", num_samples=t.num_samples,
+            max_concurrent_trials=t.max_concurrent_trials if t.search_alg != "random" else None,
+            scheduler=asha_scheduler(t, mark), search_alg=_search_alg(p), trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[_progress_callback(space, t.max_epochs)]),
+    )
+
+
+def _check_ended(p: Params, space: Space, rows: list[dict], uri: str, where: str) -> None:
+    """TuneInterrupted when a trial did not end (its run KILLED), TuneFailed when none reported."""
+    expected = expected_trials(space, p.tune)
+    unfinished = [r for r in rows if r["status"] not in ("completed", "early_stopped", "error")]
+    if unfinished or len(rows) < expected:
+        for r in unfinished:  # RUNNING again when the tune resumes
+            if r["mlflow_run_id"]:
+                tune_runs.kill_if_running(uri, r["mlflow_run_id"])
+        raise TuneInterrupted(f"tune of {space.family} interrupted with {len(rows) - len(unfinished)} of {expected} "
+                              f"trials ended: re-run with -S tune.resume=true to continue {where} (tune.resume)")
+    if not [r for r in rows if r["status"] != "error" and r["val_mIoU"] is not None]:
+        first = next((r["error"] for r in rows if r["error"]), "no trial reported val/mIoU")
+        raise TuneFailed(f"every trial of the {space.family} tune failed; first error: {first}")
+
+
+def tune_family(p: Params, space: Space) -> dict:
+    """Run (or resume) the tune of one family; returns the summary written to metrics.json."""
+    uri = tracking.resolve_tracking_uri(p.mlflow.tracking_uri)
+    # trials run in other processes and directories: every path absolute
+    trial_p = p.model_copy(update={
+        "data": p.data.model_copy(update={"dir": storage.resolve(p.data.dir)}),
+        "mlflow": p.mlflow.model_copy(update={"tracking_uri": uri}),
+    })
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our lines only
+    if not (p.ray.address or os.environ.get("RAY_ADDRESS")):
+        # one machine cannot be preempted: one process less per trial (the setting travels to
+        # every trial's TorchTrainer with Train's propagated variables)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    system.ray_init(p.ray.address)
+    check_resources(p)
+    root = storage_root(p)
+    parent_run_id, name, resumed = _start(p, space, uri)
+    ctx = {"params": trial_p, "space": space, "parent_run_id": parent_run_id, "name": name,
+           "train_storage": f"{root}/{name}-train"}
+    started = time.time()
+    status = "FAILED"
+    try:
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": p.tune.trainable_cpus})
+        _tuner(p, space, trainable, uri, root, name, parent_run_id, resumed).fit()
+        # the trials as saved: on Ctrl-C Tune saves the live trials as RUNNING and then stops them
+        # (TERMINATED in memory); the saved state is what a resume continues
+        trials = tune.ExperimentAnalysis(f"{root}/{name}", default_metric=METRIC, default_mode="max").trials
+        rows = results.rows(p, space, trials, uri, parent_run_id)
+        try:
+            _check_ended(p, space, rows, uri, f"{root}/{name}")
+        except TuneInterrupted:
+            status = "KILLED"
+            raise
+        summary = results.finish(p, space, rows, uri, parent_run_id, name, time.time() - started)
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(uri, parent_run_id, status)
