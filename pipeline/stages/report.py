@@ -7,7 +7,9 @@ but the seed (`select_runs`); runs of another setting are listed as left out wit
 confusion matrix artifact, training time (run start to end) and throughput. The report then loads
 each family's best logged model to measure what the runs do not hold: parameters, GFLOPs and
 latency (batch 1, eval size, on the local device), and the predictions of the qualitative grid.
-It registers each family's best run as `segpipe-<family>` with alias `best`.
+It registers each family's best run as `segpipe-<family>` with alias `best`. A family is marked †
+(tuned by `segpipe tune`) only when its averaged runs were trained with the best config of one of
+its finished tunes (the tune parent run's best.* params), not merely because trials exist.
 
 Outputs (in train.reports_dir): comparison.md, comparison.json and figures/*.png, written to a
 temporary place and moved in only when complete.
