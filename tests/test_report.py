@@ -165,7 +165,8 @@ def test_report_pngs_decode_and_are_linked(report):
 
 
 def test_best_run_of_each_family_is_registered(report):
-    from pipeline.stages.report import Group, RunRecord, register_best
+    from pipeline.reporting.runs import Group, RunRecord
+    from pipeline.tracking.report import register_best
 
     work, _, summaries, js, _ = report
     c, _, _ = _mlflow_runs(work)
@@ -286,7 +287,7 @@ def test_predict_registered_model_on_sample_images(report, tmp_path):
 def test_predict_from_checkpoint_and_bad_models(report, tmp_path, capsys):
     from pipeline.config import load_params
     from pipeline.errors import UserError
-    from pipeline.stages.predict import predict
+    from pipeline.reporting.predict import predict
 
     work, params, _, _, _ = report
     p = load_params(params)
@@ -343,7 +344,7 @@ def test_tune_trials_give_a_tune_plot(tmp_path, params_file):
     from PIL import Image
 
     from pipeline.config import load_params
-    from pipeline.stages.report import tune_trials
+    from pipeline.tracking.report import tune_trials
     from pipeline.reporting.figures import tune_png
 
     p = load_params(params_file)
@@ -371,8 +372,9 @@ def test_report_averages_only_seeds_of_one_setting(tmp_path, params_file):
     batch) are not averaged with the untuned seeds; they are listed as left out with the keys that
     differ. Runs are made the way `segpipe train` makes them (tracking.start_run, real sqlite store)."""
     from pipeline.config import load_params
-    from pipeline.stages.report import select_runs
+    from pipeline.reporting.runs import select_runs
     from pipeline.tracking import client, end_run, experiment_id, start_run
+    from pipeline.tracking.report import train_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = ["data.source=synthetic", "seeds=[0, 1, 2]", "families.lraspp.options={}", "families.unet.options={}",
@@ -391,7 +393,7 @@ def test_report_averages_only_seeds_of_one_setting(tmp_path, params_file):
     same1 = train_run(1, "train.loader_workers=0")      # bookkeeping only: the same experiment, newer
     p = load_params(params_file, base + [f"mlflow.tracking_uri={uri}"])
     c = client(uri)
-    chosen, left = select_runs(c, experiment_id(c, "segpipe"), p)
+    chosen, left = select_runs(train_runs(c, experiment_id(c, "segpipe")), p)
     assert {k: r.info.run_id for k, r in chosen.items()} == {
         ("lraspp", 0): untuned[0], ("lraspp", 1): same1, ("lraspp", 2): untuned[2], ("unet", 0): unet}
     # the README's UI filter selects exactly the runs the report averages (report keeps the tag current)
@@ -412,7 +414,7 @@ def test_report_averages_only_seeds_of_one_setting(tmp_path, params_file):
 
     # once seeds 1 and 2 are retrained with the tuned lr, the tuned setting has the most seeds and wins
     tuned = {0: tuned0, 1: train_run(1, "train.lr=0.05"), 2: train_run(2, "train.lr=0.05")}
-    chosen, left = select_runs(c, experiment_id(c, "segpipe"), p)
+    chosen, left = select_runs(train_runs(c, experiment_id(c, "segpipe")), p)
     assert {s: chosen[("lraspp", s)].info.run_id for s in (0, 1, 2)} == tuned
     mark_in_report(c, experiment_id(c, "segpipe"), [r.info.run_id for r in chosen.values()])
     assert ui_filter() == {r.info.run_id for r in chosen.values()} == set(tuned.values()) | {unet}
@@ -465,13 +467,15 @@ def test_recipe_profiles_validate_and_name_their_anchor(profile, params_file, tm
 
 
 def test_report_prints_anchors_splits_and_tuned_marks(tmp_path, params_file):
-    """The markdown beside each family's row: the anchor of the runs' profile with the data and split
-    difference; the split the numbers come from; † for a family tuned on the tune split, and the
-    warning for one tuned on val."""
+    """The markdown beside each family's row, rendered from a saved comparison.json alone: the anchor
+    of the runs' profile with the data and split difference; the split the numbers come from; † for a
+    family tuned on the tune split, and the warning for one tuned on val."""
     from types import SimpleNamespace
 
     from pipeline.config import load_params
-    from pipeline.stages.report import Group, RunRecord, report_anchors, to_markdown
+    from pipeline.reporting.compare import report_anchors, to_comparison
+    from pipeline.reporting.markdown import render
+    from pipeline.reporting.runs import Group, RunRecord
 
     p = load_params(params_file, ["seeds=[0]"])
     tags = {"profile": "torchvision", "eval_split": "val", "git_commit": "abc"}
@@ -479,18 +483,79 @@ def test_report_prints_anchors_splits_and_tuned_marks(tmp_path, params_file):
               for f, m in (("deeplabv3", "deeplabv3_resnet50"), ("unet", "unet_resnet50"))]
     anchors = report_anchors(p, groups)
     assert set(anchors) == {"deeplabv3"} and anchors["deeplabv3"]["miou"] == 66.4
-    s = {"generated_at": "now", "data": {"counts": "1 train"}, "missing_runs": [], "comparisons": [],
-         "latency": {"device": "cpu"}, "anchors": anchors, "tuned_families": {"deeplabv3": "tune", "unet": "val"},
-         "left_out_runs": ["lraspp seed 1 (run x): another setting: train.lr=0.1 (averaged: 0.01)"],
-         "differing_params": {}, "shared_params": {}}
-    try:
-        md = to_markdown(p, "sqlite:///x", SimpleNamespace(name="segpipe"), groups, s, {}, [])
-    except KeyError as exc:  # sections this test does not feed are not what it checks
-        pytest.skip(f"to_markdown needs {exc}")
+    s = to_comparison(p, "sqlite:///x", SimpleNamespace(name="segpipe", experiment_id="1"), groups, "cpu",
+                      ["lraspp seed 1 (run x): another setting: train.lr=0.1 (averaged: 0.01)"], [], [],
+                      {"deeplabv3": "tune", "unet": "val"}, {})
+    (tmp_path / "comparison.json").write_text(json.dumps(s, indent=2) + "\n")
+    md = render(json.loads((tmp_path / "comparison.json").read_text()))
+    assert md == render(s)
     row = next(line for line in md.splitlines() if line.startswith("| deeplabv3"))
     assert "deeplabv3 †" in row and "66.4 (torchvision)" in row
+    assert md.startswith("# Semantic segmentation on PASCAL VOC: DeepLabV3 vs UNet")  # seg_models FAMILIES names
     assert "trained on COCO train2017" in md and "(here `voc2012_aug`)" in md and "COCO val2017, 20 VOC classes" in md
     assert "measured on the `val` split" in md
     assert "deeplabv3: tuned by `segpipe tune`, trials selected on the `tune` split, not on `val`" in md
     assert "unet: tuned by `segpipe tune`, trials selected on the `val` split (the published split" in md
     assert "  - lraspp seed 1 (run x): another setting" in md
+
+
+def test_tuned_mark_only_for_runs_trained_with_the_tuned_values(tmp_path, params_file):
+    """Issue 16: tune trials exist for lraspp and deeplabv3, but only runs trained with the values of
+    the tune's best config (the tune parent run's best.* params, what `segpipe tune --apply` writes
+    into params.yaml) get the † mark; untuned runs of a tuned family get none. Real sqlite store,
+    runs made the way train and tune make them (tracking.start_run)."""
+    from types import SimpleNamespace
+
+    from mlflow.entities import Metric, Param
+
+    from pipeline.config import load_params
+    from pipeline.reporting.compare import to_comparison, tuned_families
+    from pipeline.reporting.markdown import render
+    from pipeline.reporting.runs import select_runs
+    from pipeline.tracking import client, end_run, experiment_id, start_run
+    from pipeline.tracking.report import load_records, train_runs, tune_best_configs, tune_trials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = ["data.source=synthetic", "seeds=[0]", "families.lraspp.options={}", "families.unet.options={}",
+            "families.fcn.options={}", "families.deeplabv3.options={}", f"mlflow.tracking_uri={uri}"]
+    c = client(uri)
+
+    def run(family: str, stage: str, *extra: str, options: dict | None = None) -> str:
+        p = load_params(params_file, base + list(extra))
+        run_id = start_run(uri, p, family=family, model=p.families[family].model, options=options or {}, stage=stage)
+        end_run(uri, run_id, "FINISHED")
+        return run_id
+
+    for fam, best in (("lraspp", {"lr": "0.05"}), ("deeplabv3", {"lr": "0.01235", "atrous_rates": "(6, 12, 18)"})):
+        parent = run(fam, "tune")  # `segpipe tune` logs best.<searched key> (as _show writes it) and best.model
+        model = load_params(params_file, base).families[fam].model
+        c.log_batch(parent, params=[Param(f"best.{k}", v) for k, v in {**best, "model": model}.items()])
+        for i in range(2):
+            trial = c.create_run(experiment_id(c, "segpipe"), tags={
+                "family": fam, "stage": "tune-trial", "eval_split": "tune", "mlflow.parentRunId": parent})
+            c.log_batch(trial.info.run_id, params=[Param("hp.lr", str(0.01 * (i + 1)))],
+                        metrics=[Metric("val/mIoU", 0.1 * (i + 1), 0, 1)])
+    exp = experiment_id(c, "segpipe")
+    p = load_params(params_file, base)
+
+    def report() -> tuple[dict, str]:
+        chosen, _ = select_runs(train_runs(c, exp), p)
+        groups = load_records(c, exp, chosen, p)
+        trials = tune_trials(c, exp, p)
+        tuned = tuned_families(groups, tune_best_configs(c, exp, p), trials)
+        s = to_comparison(p, uri, SimpleNamespace(name="segpipe", experiment_id=exp), groups, "cpu", [], [],
+                          trials, tuned, {})
+        return tuned, render(json.loads(json.dumps(s)))
+
+    run("lraspp", "train")  # params.yaml's train.lr (0.01): not what the tune found
+    run("deeplabv3", "train", "train.lr=0.012345")  # the tuned lr, but not the tuned atrous rates
+    tuned, md = report()
+    assert tuned == {} and "## Hyper-parameter search (Ray Tune)" in md  # trials exist and are shown ...
+    assert "†" not in md and "tuned by `segpipe tune`" not in md  # ... but no family is marked tuned
+    run("lraspp", "train", "train.lr=0.05")  # `segpipe tune --apply`, then train
+    run("deeplabv3", "train", "train.lr=0.012345", "families.deeplabv3.options={atrous_rates: [6, 12, 18]}",
+        options={"atrous_rates": [6, 12, 18]})
+    tuned, md = report()
+    assert tuned == {"lraspp": "tune", "deeplabv3": "tune"}
+    assert "| lraspp † |" in md and "| deeplabv3 † |" in md
+    assert "lraspp: tuned by `segpipe tune`, trials selected on the `tune` split, not on `val`" in md

@@ -81,7 +81,7 @@ def test_predict_resolves_models_uri_after_move(tmp_path, params_file):
     moved = tmp_path / "moved"
     os.rename(co, moved)
     uri = f"sqlite:///{moved / 'mlflow.db'}"
-    from pipeline.stages.predict import load_model
+    from pipeline.reporting.predict import load_model
 
     p = load_params(params_file, [f"mlflow.tracking_uri={uri}"])
     model, size, _ = load_model("models:/segpipe-x@best", p, torch.device("cpu"))  # the run's checkpoint artifact

@@ -1,34 +1,29 @@
-"""Figures shared by train (MLflow artifacts), report and predict: confusion matrix, prediction grids,
-overlays and the comparison plots of `segpipe report`."""
+"""Every figure of segpipe (the only matplotlib user besides tune_figures.py): the confusion matrix and
+prediction grid train logs to MLflow, the comparison plots of `segpipe report` (:func:`draw` picks
+them from the report's groups) and the tune-trial panels. Colours per family come from
+seg_models' FAMILIES."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
-import numpy as np
+import matplotlib
 
-from pipeline.data.palette import VOC_PALETTE
-from pipeline.data.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def colorize(mask: np.ndarray) -> np.ndarray:
-    """HxW class ids (255 = void) -> HxWx3 uint8 in the VOC palette (void drawn in its cream)."""
-    pal = np.asarray(VOC_PALETTE, dtype=np.uint8).reshape(-1, 3)
-    return pal[mask.astype(np.int64).clip(0, 255)]
+from pipeline.data.palette import VOC_PALETTE  # noqa: E402
+from pipeline.data.voc import NUM_CLASSES, VOC_CLASSES  # noqa: E402
+from pipeline.reporting.inference import colorize, predict_images  # noqa: E402
+from seg_models.registry import FAMILIES  # noqa: E402
 
 
 def confusion_png(cm, path: Path, title: str) -> Path:
     """Row-normalised confusion matrix (recall per true class) with class names on both axes."""
-    plt = _plt()
     cm = np.asarray(cm, dtype=np.float64)
     rows = cm.sum(1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
@@ -50,60 +45,9 @@ def confusion_png(cm, path: Path, title: str) -> Path:
 
 
 def _legend(ax, classes: set[int]) -> None:
-    from matplotlib.patches import Patch
-
     pal = np.asarray(VOC_PALETTE).reshape(-1, 3) / 255.0
     handles = [Patch(color=pal[c], label=VOC_CLASSES[c] if c < NUM_CLASSES else "void") for c in sorted(classes)]
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-
-
-def predict_mask(model, image, eval_size: int) -> np.ndarray:
-    """One image (uint8 tensor 3xHxW) -> predicted class ids HxW uint8 at the image's own size.
-
-    The image goes through the eval transform (shrink to fit eval_size, pad to a square); the
-    logits of the unpadded part are resized back to HxW before the argmax."""
-    import torch
-    from torchvision import tv_tensors
-
-    from pipeline.data.loaders import eval_transform
-
-    h, w = image.shape[-2:]
-    x, _ = eval_transform(eval_size)(tv_tensors.Image(image), tv_tensors.Mask(torch.zeros(h, w, dtype=torch.uint8)))
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(x.unsqueeze(0).to(device))["out"][0].float()
-    scale = min(1.0, eval_size / max(h, w))
-    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
-    pred = logits[:, :sh, :sw].unsqueeze(0)
-    pred = torch.nn.functional.interpolate(pred, size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
-    return pred.cpu().numpy().astype(np.uint8)
-
-
-def val_samples(data_dir, count: int):
-    """The first `count` val images of the shards: (id, uint8 3xHxW image tensor, truth HxW array)."""
-    from pipeline.data.loaders import ShardDataset, decode_image, decode_mask
-
-    raw = ShardDataset(data_dir, "val")
-    out = []
-    for i in range(min(count, len(raw))):
-        sid, img_b, mask_b = raw.raw(i)
-        out.append((sid, decode_image(img_b), decode_mask(mask_b).numpy()))
-    return out
-
-
-def predict_images(model, data_dir, eval_size: int, count: int):
-    """The first `count` val images: (id, uint8 HxWx3 image, truth HxW, prediction HxW)."""
-    model.eval()
-    return [(sid, image.permute(1, 2, 0).numpy(), truth, predict_mask(model, image, eval_size))
-            for sid, image, truth in val_samples(data_dir, count)]
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """HxWx3 uint8 image with the non-background, non-void classes of `mask` blended in."""
-    out = image.astype(np.float32).copy()
-    sel = (mask != 0) & (mask != IGNORE_INDEX)
-    out[sel] = (1 - alpha) * out[sel] + alpha * colorize(mask)[sel].astype(np.float32)
-    return out.round().clip(0, 255).astype(np.uint8)
 
 
 def prediction_grid(model, data_dir, eval_size: int, count: int, path: Path, title: str) -> Path | None:
@@ -111,7 +55,6 @@ def prediction_grid(model, data_dir, eval_size: int, count: int, path: Path, tit
     rows = predict_images(model, data_dir, eval_size, count)
     if not rows:
         return None
-    plt = _plt()
     fig, axes = plt.subplots(len(rows), 3, figsize=(9.5, 3 * len(rows)), squeeze=False)
     for r, (sid, img, truth, pred) in enumerate(rows):
         for c, (arr, name) in enumerate(((img, sid), (colorize(truth), "truth"), (colorize(pred), "prediction"))):
@@ -128,7 +71,7 @@ def prediction_grid(model, data_dir, eval_size: int, count: int, path: Path, tit
 
 # ------------------------------------------------------------------ comparison figures (segpipe report)
 
-FAMILY_COLORS = {"fcn": "#1f77b4", "deeplabv3": "#ff7f0e", "lraspp": "#2ca02c", "unet": "#d62728"}
+FAMILY_COLORS = {name: fam.color for name, fam in FAMILIES.items()}
 _EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
@@ -143,7 +86,6 @@ def comparison_grid(samples, predictions: dict[str, list[np.ndarray]], path: Pat
     per sample. One legend (VOC palette) for every class shown, under the grid."""
     if not samples:
         return None
-    plt = _plt()
     labels = list(predictions)
     ncols, nrows = 2 + len(labels), len(samples)
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, 2.3 * nrows + 1.3), squeeze=False)
@@ -165,8 +107,6 @@ def comparison_grid(samples, predictions: dict[str, list[np.ndarray]], path: Pat
             if r == 0:
                 ax.set_title(name, fontsize=9)
         axes[r][0].set_ylabel(sid, fontsize=8)
-    from matplotlib.patches import Patch
-
     pal = np.asarray(VOC_PALETTE).reshape(-1, 3) / 255.0
     handles = [Patch(facecolor=pal[c], edgecolor="0.5", label=VOC_CLASSES[c] if c < NUM_CLASSES else "void")
                for c in sorted(shown)]
@@ -184,7 +124,6 @@ def comparison_grid(samples, predictions: dict[str, list[np.ndarray]], path: Pat
 def tradeoff_png(points: list[dict], xlabel: str, path: Path, title: str) -> Path:
     """val mIoU (mean, error bar = std over seeds, clipped to [0, 1]) against a cost, one point per
     family; points: label, x, y, yerr (None for one seed), n. Log x when the costs span > 20x."""
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(7.8, 4.6))
     for i, pt in enumerate(points):
         color = family_color(pt["label"], i)
@@ -194,8 +133,6 @@ def tradeoff_png(points: list[dict], xlabel: str, path: Path, title: str) -> Pat
                     label=f"{pt['label']} (n={pt['n']} seed{'s' * (pt['n'] != 1)})")
     xs = [pt["x"] for pt in points if pt["x"] > 0]
     if xs and max(xs) / min(xs) > 20:
-        from matplotlib.ticker import FuncFormatter
-
         ax.set_xscale("log")
         ax.set_xlim(min(xs) / 2, max(xs) * 2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -217,7 +154,6 @@ def tradeoff_png(points: list[dict], xlabel: str, path: Path, title: str) -> Pat
 def curves_png(curves: dict[str, dict], path: Path, title: str) -> Path:
     """val mIoU per epoch per label: mean line, band = min..max over seeds. curves: label -> {epochs,
     mean, lo, hi, n}."""
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(7.6, 4.4))
     max_epoch = 1
     for i, (label, c) in enumerate(curves.items()):
@@ -243,7 +179,6 @@ def curves_png(curves: dict[str, dict], path: Path, title: str) -> Path:
 
 def per_class_png(classes: list[str], values: dict[str, list[float | None]], path: Path, title: str) -> Path:
     """Grouped bars: IoU per class (x) per label (colour); None = no value (class absent)."""
-    plt = _plt()
     labels = list(values)
     n = max(1, len(labels))
     width = 0.8 / n
@@ -268,7 +203,6 @@ def per_class_png(classes: list[str], values: dict[str, list[float | None]], pat
 def tune_png(trials: list[dict], knobs: list[str], path: Path, title: str) -> Path:
     """One panel per tuned knob: each trial's val mIoU against the knob's value, one colour per
     family. trials: {label, config: {knob: value}, mIoU}."""
-    plt = _plt()
     n = max(1, len(knobs))
     ncols, nrows = min(3, n), (n + 2) // 3
     fig, grid = plt.subplots(nrows, ncols, figsize=(4.4 * ncols + 1.3, 3.7 * nrows + 0.3), squeeze=False, sharey=True)
@@ -325,5 +259,98 @@ def tune_png(trials: list[dict], knobs: list[str], path: Path, title: str) -> Pa
     return path
 
 
-__all__ = ["colorize", "confusion_png", "prediction_grid", "predict_images", "predict_mask", "val_samples", "overlay",
-           "comparison_grid", "tradeoff_png", "curves_png", "per_class_png", "tune_png", "family_color", "IGNORE_INDEX"]
+# --------------------------------------------------------------------- the figures of `segpipe report`
+
+FIGURES = "figures"  # the report's figure folder, beside comparison.md
+
+
+def _rel(path) -> str:
+    return f"{FIGURES}/{Path(path).name}"
+
+
+def _tradeoffs(groups, fig_dir: Path, dev_name: str) -> dict[str, str]:
+    measured = [g for g in groups if "latency_ms" in g.measured and g.stat("mIoU")["mean"] is not None]
+    if not measured:
+        return {}
+    pts = [{"label": g.family, "y": g.stat("mIoU")["mean"], "yerr": g.stat("mIoU")["std"], "n": len(g.runs)}
+           for g in measured]
+    size = measured[0].measured["size"]
+    return {
+        "miou_vs_params": _rel(tradeoff_png(
+            [{**pt, "x": g.measured["params_M"]} for pt, g in zip(pts, measured)], "parameters (millions)",
+            fig_dir / "miou_vs_params.png", "val mIoU vs model size")),
+        "miou_vs_latency": _rel(tradeoff_png(
+            [{**pt, "x": g.measured["latency_ms"]} for pt, g in zip(pts, measured)],
+            f"latency (ms / image, batch 1, {size}×{size})",
+            fig_dir / "miou_vs_latency.png", f"val mIoU vs latency\n{dev_name.split(' (torch')[0]}")),
+    }
+
+
+def _curves(groups, fig_dir: Path) -> dict[str, str]:
+    curves = {}
+    for g in groups:
+        by_epoch: dict[int, list[float]] = {}
+        for r in g.runs:
+            for step, v in r.history.get("val/mIoU", []):
+                by_epoch.setdefault(step, []).append(v)
+        if by_epoch:
+            ep = sorted(by_epoch)
+            curves[g.family] = {"epochs": ep, "mean": [statistics.fmean(by_epoch[e]) for e in ep],
+                                "lo": [min(by_epoch[e]) for e in ep], "hi": [max(by_epoch[e]) for e in ep], "n": len(g.runs)}
+    if not curves:
+        return {}
+    return {"miou_per_epoch": _rel(curves_png(curves, fig_dir / "miou_per_epoch.png", "val mIoU per epoch"))}
+
+
+def _per_class(groups, fig_dir: Path) -> dict[str, str]:
+    per_class = {g.family: g.per_class() for g in groups}
+    cms = [r.cm for g in groups for r in g.runs if r.cm is not None]
+    if cms:  # the classes with ground-truth pixels in val (a class only ever predicted has IoU 0)
+        in_val = sum(cms).sum(1) > 0
+        classes = [c for i, c in enumerate(VOC_CLASSES) if in_val[i]]
+        why = "absent from the val ground truth"
+    else:
+        classes = [c for c in VOC_CLASSES if any(pc[c] is not None for pc in per_class.values())]
+        why = "absent from val and predictions"
+    if not classes:
+        return {}
+    omitted = NUM_CLASSES - len(classes)
+    return {"per_class_iou": _rel(per_class_png(
+        classes, {f: [pc[c] for c in classes] for f, pc in per_class.items()}, fig_dir / "per_class_iou.png",
+        "val IoU per class" + (f" ({omitted} classes {why} left out)" if omitted else "")))}
+
+
+def _confusions(groups, fig_dir: Path) -> dict[str, str]:
+    out = {}
+    for g in groups:
+        cms = [r.cm for r in g.runs if r.cm is not None]
+        if cms:
+            name = g.family if g.model == g.family else f"{g.family} ({g.model})"
+            out[f"confusion_{g.family}"] = _rel(confusion_png(
+                sum(cms), fig_dir / f"confusion_{g.family}.png",
+                title=f"{name}: val confusion matrix, row-normalised\n"
+                      + (f"(summed over {len(cms)} seeds)" if len(cms) > 1 else f"(seed {g.runs[0].seed})")))
+    return out
+
+
+def draw(groups, samples, predictions, trials, fig_dir: Path, dev_name: str) -> dict[str, str]:
+    """Every PNG of the report into ``fig_dir`` (created); returns name -> path relative to the report.
+    groups: pipeline.reporting.runs.Group (measured filled in); samples / predictions: the val images
+    and each family's masks of them (qualitative grid); trials: tune trials (tracking.report.tune_trials)."""
+    fig_dir.mkdir(parents=True)
+    figs = {**_tradeoffs(groups, fig_dir, dev_name), **_curves(groups, fig_dir), **_per_class(groups, fig_dir),
+            **_confusions(groups, fig_dir)}
+    if samples and predictions:
+        by = {g.family: g for g in groups}
+        labelled = {f"{fam} (seed {by[fam].best.seed})\n{by[fam].model}": preds for fam, preds in predictions.items()}
+        figs["qualitative"] = _rel(comparison_grid(samples, labelled, fig_dir / "qualitative.png",
+                                                   "Same val images, every family's best run (VOC palette)"))
+    knobs = sorted({k for t in trials for k in t["config"]})
+    if knobs:
+        figs["tune"] = _rel(tune_png(trials, knobs, fig_dir / "tune.png",
+                                     f"Ray Tune trials: val mIoU per tuned setting ({len(trials)} trials)"))
+    return figs
+
+
+__all__ = ["FIGURES", "FAMILY_COLORS", "comparison_grid", "confusion_png", "curves_png", "draw", "family_color",
+           "per_class_png", "prediction_grid", "tradeoff_png", "tune_png"]

@@ -1,0 +1,62 @@
+"""Running a trained model on images: the eval-size prediction of one image, the val samples of the
+shards, the rows of a prediction grid, and the palette / overlay renderings of a mask (numpy only:
+the drawing itself is in :mod:`pipeline.reporting.figures`). Used by train (its grid artifact),
+report (the qualitative grid) and predict."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+
+from pipeline.data.loaders import ShardDataset, decode_image, decode_mask, eval_transform
+from pipeline.data.palette import VOC_PALETTE
+from pipeline.data.voc import IGNORE_INDEX
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    """HxW class ids (255 = void) -> HxWx3 uint8 in the VOC palette (void drawn in its cream)."""
+    pal = np.asarray(VOC_PALETTE, dtype=np.uint8).reshape(-1, 3)
+    return pal[mask.astype(np.int64).clip(0, 255)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """HxWx3 uint8 image with the non-background, non-void classes of `mask` blended in."""
+    out = image.astype(np.float32).copy()
+    sel = (mask != 0) & (mask != IGNORE_INDEX)
+    out[sel] = (1 - alpha) * out[sel] + alpha * colorize(mask)[sel].astype(np.float32)
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def predict_mask(model, image, eval_size: int) -> np.ndarray:
+    """One image (uint8 tensor 3xHxW) -> predicted class ids HxW uint8 at the image's own size.
+
+    The image goes through the eval transform (shrink to fit eval_size, pad to a square); the
+    logits of the unpadded part are resized back to HxW before the argmax."""
+    h, w = image.shape[-2:]
+    x, _ = eval_transform(eval_size)(tv_tensors.Image(image), tv_tensors.Mask(torch.zeros(h, w, dtype=torch.uint8)))
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(x.unsqueeze(0).to(device))["out"][0].float()
+    scale = min(1.0, eval_size / max(h, w))
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    pred = logits[:, :sh, :sw].unsqueeze(0)
+    pred = torch.nn.functional.interpolate(pred, size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+    return pred.cpu().numpy().astype(np.uint8)
+
+
+def val_samples(data_dir, count: int):
+    """The first `count` val images of the shards: (id, uint8 3xHxW image tensor, truth HxW array)."""
+    raw = ShardDataset(data_dir, "val")
+    out = []
+    for i in range(min(count, len(raw))):
+        sid, img_b, mask_b = raw.raw(i)
+        out.append((sid, decode_image(img_b), decode_mask(mask_b).numpy()))
+    return out
+
+
+def predict_images(model, data_dir, eval_size: int, count: int):
+    """The first `count` val images: (id, uint8 HxWx3 image, truth HxW, prediction HxW)."""
+    model.eval()
+    return [(sid, image.permute(1, 2, 0).numpy(), truth, predict_mask(model, image, eval_size))
+            for sid, image, truth in val_samples(data_dir, count)]
