@@ -98,3 +98,31 @@ def test_quickstart_profile_is_valid_over_params(params_file):
     assert p.mlflow.experiment == "segpipe-quickstart"  # its own experiment, never mixed with the recipe's runs
     prof = yaml.safe_load((ROOT / "profiles" / "quickstart.yaml").read_text())
     assert len(overrides) == len(prof)
+
+
+def test_stage_help_is_the_stage_module_docstring_and_startup_stays_light():
+    """`segpipe <stage> --help` shows the stage module's docstring (first line: the one-line help of
+    `segpipe --help`); building the parser imports no heavy library."""
+    import ast
+    import importlib.util
+    import subprocess
+    import sys
+
+    from pipeline.cli import STAGES, build_parser
+
+    listing = run_cli("--help").stdout
+    for name, module in STAGES.items():
+        origin = importlib.util.find_spec(module).origin
+        doc = ast.get_docstring(ast.parse(open(origin).read()))
+        assert doc, f"{module} has no docstring: it is the help of `segpipe {name}`"
+        first = doc.splitlines()[0]
+        assert first.endswith(".") and not first.startswith("`"), first
+        sub = build_parser()._subparsers._group_actions[0].choices[name]
+        assert sub.description == doc
+        assert " ".join(first.rstrip(".").split()[:3]) in " ".join(listing.split())
+    code = ("import sys; from pipeline.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -65,7 +65,7 @@ def predict_mask(model, image, eval_size: int) -> np.ndarray:
     import torch
     from torchvision import tv_tensors
 
-    from pipeline.data.loaders import eval_transform
+    from pipeline.data.transforms import eval_transform
 
     h, w = image.shape[-2:]
     x, _ = eval_transform(eval_size)(tv_tensors.Image(image), tv_tensors.Mask(torch.zeros(h, w, dtype=torch.uint8)))

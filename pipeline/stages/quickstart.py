@@ -1,9 +1,8 @@
-"""`segpipe quickstart`: run the whole DVC pipeline on the quickstart profile, offline, on CPU.
+"""Run the whole DVC pipeline offline on CPU with the quickstart profile.
 
-The profile (profiles/quickstart.yaml) is a set of `-S` overrides over params.yaml; they are
-handed to `dvc exp run -S ...`, so the same dvc.yaml runs and the experiment is recorded by DVC
-(`dvc exp show`). DVC applies the overrides to params.yaml in the workspace: `git checkout
-params.yaml` returns to the full recipe.
+Hands the overrides of profiles/quickstart.yaml (plus any -S given here) to `dvc exp run -S`, so the
+same dvc.yaml runs on small synthetic data in minutes; DVC records the experiment and applies the
+overrides to params.yaml in the workspace (`git checkout params.yaml` returns to the full recipe).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""`segpipe ui`: the MLflow UI over the tracking store of params.yaml, on 127.0.0.1 only.
+"""Serve the MLflow UI for the tracking store on 127.0.0.1.
+
+Starts `mlflow server` on mlflow.tracking_uri bound to 127.0.0.1 (--port, default 5000), prints the
+URL and runs until Ctrl-C, then stops the server. In the UI: experiment `segpipe`, filter tags.stage
+= 'train', select runs, Compare (see README, MLflow UI).
 
 Starts `mlflow server` (its own process group, so stopping it stops all of its workers), waits until
 it answers, prints the URL and keeps running until Ctrl-C, SIGTERM or SIGHUP (terminal closed);
