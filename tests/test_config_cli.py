@@ -126,3 +126,29 @@ def test_stage_help_is_the_stage_module_docstring_and_startup_stays_light():
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_params_yaml_is_the_one_home_of_defaults(tmp_path):
+    """The schema holds no default values: a block built in code or a key missing from a params file
+    gets the repo's params.yaml value, and default_params() is that file."""
+    from pipeline.config import _Strict, DataParams, Params, default_params
+
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    blocks = [c for c in _Strict.__subclasses__() if c.SECTION is not None]
+    assert {c.SECTION for c in blocks} >= {"", "data", "data.synthetic", "train", "mlflow", "ray", "tune"}
+    for cls in blocks:
+        assert not [n for n, f in cls.model_fields.items() if not f.is_required()], cls  # no value written twice
+    p = default_params()
+    assert p == Params() == load_params(ROOT / "params.yaml")
+    assert p.train.loader_workers == committed["train"]["loader_workers"]
+    assert p.ray.num_workers == committed["ray"]["num_workers"] and p.seeds == committed["seeds"]
+    assert p.tune.space == committed["tune"]["space"]
+    assert DataParams(source="sample").synthetic.size == committed["data"]["synthetic"]["size"]
+    partial = dict(committed)
+    del partial["ray"]
+    partial["train"] = {k: v for k, v in committed["train"].items() if k != "lr"}
+    f = tmp_path / "partial.yaml"
+    f.write_text(yaml.safe_dump(partial))
+    q = load_params(f)
+    assert q.ray == p.ray and q.train.lr == committed["train"]["lr"]
+    assert default_params(["train.epochs=2"]).train.epochs == 2
