@@ -8,6 +8,7 @@ overrides to params.yaml in the workspace (`git checkout params.yaml` returns to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import yaml
 from pipeline.config import load_params
 from pipeline.errors import UserError
 from pipeline.storage import REPO
+
+log = logging.getLogger(__name__)
 
 NEEDS_PARAMS = False
 PROFILES = REPO / "profiles"
@@ -100,7 +103,7 @@ def run(_params, args) -> int:
 
     manifest = load_manifest(p.data.dir)
     counts = ", ".join(f"{info['count']} {s}" for s, info in manifest["splits"].items())
-    print(f"\nquickstart done: {manifest['source']} data, {counts} images in {Path(p.data.dir) / 'shards'}")
+    log.info(f"\nquickstart done: {manifest['source']} data, {counts} images in {Path(p.data.dir) / 'shards'}")
     print(summary_table(p))
     return 0
 
