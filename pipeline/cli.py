@@ -7,128 +7,51 @@ Exit codes: 0 success, 2 bad input or bad params (one `error: ...` line on stder
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import logging
 import sys
-import textwrap
+from pathlib import Path
 
 from pipeline import __version__
+from pipeline.config import load_params
 from pipeline.errors import UserError
 
-# stage -> (module, one-line help, longer description)
-STAGES: dict[str, tuple[str, str, str]] = {
-    "fetch": (
-        "pipeline.stages.fetch",
-        "bring a VOC-layout dataset to <data.dir>/raw/",
-        """By data.source: `sample` (10 real VOC images bundled in assets/), `synthetic` (generated
-        VOC-format scenes, data.synthetic.*), `voc2012` (downloads the official trainval tar with
-        resume and md5 check), `voc2012_aug` (plus SBD -> the 10,582-image train_aug split), a path
-        to a VOC tar, or a directory holding VOCdevkit/. Archives are extracted safely (no absolute
-        paths, '..', outside links or device files); a failure leaves the previous raw/ intact.""",
-    ),
-    "preprocess": (
-        "pipeline.stages.preprocess",
-        "validate every image/mask pair and write Parquet shards + manifest.json",
-        """Reads <data.dir>/raw/, validates every pair on all cores (undecodable or truncated images,
-        mask values outside 0..20/255, size mismatches, ids without a mask: all reported at once),
-        writes <data.dir>/shards/<split>/part-NNNNN.parquet (original JPEG bytes, PNG masks, row
-        groups <= data.row_group_rows) and shards/manifest.json. Old shards stay until the new set
-        is complete.""",
-    ),
-    "train": (
-        "pipeline.stages.train",
-        "train one family with Ray Train (DDP), tracked in MLflow",
-        """Trains families.<--family> (or train.model) on <data.dir>/shards with ray.num_workers Ray
-        Train workers (gloo on CPU, NCCL on GPUs); starts a local Ray unless ray.address / RAY_ADDRESS
-        names a cluster. Evaluates every train.eval_every epochs (confusion matrix all-reduced over
-        workers), checkpoints every epoch under ray.storage_path (train.resume continues the latest
-        run), logs params, per-epoch metrics, per-class IoU, confusion matrix, prediction grid and the
-        model to MLflow, and writes <models_dir>/<family>-seed<N>.pt and <reports_dir>/metrics/<family>-seed<N>.json
-        (--seed N overrides `seed`; DVC's train matrix runs every family x seeds). --all trains every
-        family x seed at once on the Ray cluster, each its own TorchTrainer packed by Ray's resources,
-        with the same runs and outputs (progress lines prefixed family/seedN; a failed run is named,
-        the others finish).""",
-    ),
-    "tune": (
-        "pipeline.stages.tune",
-        "Ray Tune search per family (ASHA on val/mIoU), nested MLflow runs, best params",
-        """For each family of tune.families (or --family): checks the whole search space of
-        tune.space.<family> first (model options such as atrous_rates / output_stride / aspp /
-        upsample, `variant` 32s/16s/8s for FCN, `model`, and lr / weight_decay / momentum; each a
-        {choice|grid|uniform|loguniform} entry or a fixed value), then runs one trial per config: the
-        TorchTrainer of `segpipe train` for up to tune.max_epochs epochs, ASHA stopping weak trials on
-        val/mIoU (tune.grace_period, tune.reduction_factor). Search: random/grid, or Optuna TPE
-        (tune.search_alg). MLflow: a parent run (stage=tune) with the best config, trials.csv and
-        plots, one child run per trial (stage=tune-trial). Writes <reports_dir>/tune/<family>/
-        best_params.yaml (train it: segpipe train -p ... --family F), best_config.json, metrics.json,
-        trials.csv and plots/. tune.resume continues the latest interrupted tune (Ctrl-C exits 130);
-        --apply merges the best config into params.yaml without running anything.""",
-    ),
-    "quickstart": (
-        "pipeline.stages.quickstart",
-        "run the whole DVC pipeline offline on CPU with the quickstart profile",
-        """Hands the overrides of profiles/quickstart.yaml (plus any -S given here) to `dvc exp run -S`,
-        so the same dvc.yaml runs on small synthetic data in minutes; DVC records the experiment and
-        applies the overrides to params.yaml in the workspace (`git checkout params.yaml` returns to
-        the full recipe).""",
-    ),
-    "mlflow-server": (
-        "pipeline.stages.mlflow_server",
-        "run the MLflow tracking server a cluster logs to (proxied artifacts)",
-        """`mlflow server` over the backend store of mlflow.tracking_uri (sqlite or postgresql://) with
-        --serve-artifacts, bound to 127.0.0.1 unless --host says otherwise. Point jobs at it with
-        MLFLOW_TRACKING_URI=http://HOST:PORT (cluster/runtime_env.yaml); artifacts are uploaded through
-        the server into --artifacts-destination. Runs until Ctrl-C.""",
-    ),
-    "models": (
-        "pipeline.stages.models",
-        "list the model registry: family, parameters, GFLOPs, options",
-        """Prints every model name seg_models.build_model accepts, with its family, parameter count,
-        GFLOPs at --size x --size and the options it takes (upsample, atrous_rates, ...).""",
-    ),
-    "report": (
-        "pipeline.stages.report",
-        "compare the families from the MLflow runs: comparison.md/.json + PNGs, register the best models",
-        """Reads the runs from the MLflow tracking store (not local files): per family of params.yaml and
-        seed of `seeds`, the latest FINISHED stage=train run of the configured model. Writes
-        <reports_dir>/comparison.md, comparison.json and figures/: val mIoU (mean +- std over seeds),
-        pixel/mean accuracy, params, GFLOPs and latency (measured here: batch 1, eval size, on
-        report.device), training time, img/s, per-class IoU, mIoU vs params/latency, mIoU per epoch,
-        confusion matrices, a qualitative grid on the same val images, Ray Tune plots when tune trials
-        exist, which differences are inside the seed spread, and how it was produced. Registers each
-        family's best run as segpipe-<family> with alias `best` (report.register_best).""",
-    ),
-    "ui": (
-        "pipeline.stages.ui",
-        "serve the MLflow UI for the tracking store on 127.0.0.1",
-        """Starts `mlflow server` on mlflow.tracking_uri bound to 127.0.0.1 (--port, default 5000),
-        prints the URL and runs until Ctrl-C, then stops the server. In the UI: experiment `segpipe`,
-        filter tags.stage = 'train', select runs, Compare (see README, MLflow UI).""",
-    ),
-    "predict": (
-        "pipeline.stages.predict",
-        "segment images with a trained model: coloured masks and overlays",
-        """--model is a checkpoint written by train (models/<family>-seed<N>.pt) or a registry URI
-        (models:/segpipe-<family>@best, registered by `segpipe report`). Each image is resized to fit
-        the eval size (--size; default the one the model was trained with), segmented, and the prediction is
-        resized back: <out>/<name>_mask.png (VOC palette PNG of class ids) and <name>_overlay.png.
-        Images that cannot be read are named at the end (exit 2); the others are still written.""",
-    ),
-    "bench": (
-        "pipeline.stages.bench",
-        "speed benchmarks (loader, preprocess, model, ray, pipeline, gpu) as ratios to a baseline",
-        """Each benchmark times ours against a baseline in the same run, prints a table and the ratio,
-        and writes <out>/<what>.json (with machine info) and bench.md beside <out> (default
-        reports/bench). loader: our shard loader vs torchvision VOCSegmentation (same images,
-        augmentation, workers) and Ray Data; preprocess: 1 vs all cores, peak RSS at two sizes; model:
-        ours vs torchvision's identical models (channels_last, --compile); ray: Ray Train loop vs a
-        plain loop, 1 vs 2 workers; pipeline: each DVC stage of the quickstart and a no-op dvc repro;
-        gpu: benchmarks/gpu_bench.py (pure torch, CUDA). Defaults take under ~2 minutes each on CPU
-        (pipeline: the whole quickstart with 2 epochs); --quick only checks that it runs.""",
-    ),
+# stage -> its module: the module's docstring is the stage's help (first line: the one-line help
+# of `segpipe --help`; the whole docstring: `segpipe <stage> --help`), its add_arguments(parser)
+# the stage's own flags, run(params, args) the command (NEEDS_PARAMS = False: run gets None).
+STAGES: dict[str, str] = {
+    "fetch": "pipeline.stages.fetch",
+    "preprocess": "pipeline.stages.preprocess",
+    "train": "pipeline.stages.train",
+    "tune": "pipeline.stages.tune",
+    "quickstart": "pipeline.stages.quickstart",
+    "mlflow-server": "pipeline.stages.mlflow_server",
+    "models": "pipeline.stages.models",
+    "report": "pipeline.stages.report",
+    "ui": "pipeline.stages.ui",
+    "predict": "pipeline.stages.predict",
+    "bench": "pipeline.stages.bench",
 }
 
-STAGE_ARGS = {"fetch", "mlflow-server", "models", "quickstart", "train", "ui", "predict", "tune", "bench"}  # modules with stage-specific flags (cheap to import)
+
+def stage_source(module: str) -> ast.Module:
+    """The parsed source of a stage module, read without importing it (`segpipe --help` stays fast
+    whatever the module imports)."""
+    spec = importlib.util.find_spec(module)
+    return ast.parse(Path(spec.origin).read_text(), spec.origin)
+
+
+def stage_help(tree: ast.Module) -> tuple[str, str]:
+    """(one-line help, description) from a stage module's docstring."""
+    doc = ast.get_docstring(tree) or ""
+    first = doc.split("\n", 1)[0].strip()
+    return first.rstrip("."), doc
+
+
+def _has_arguments(tree: ast.Module) -> bool:
+    return any(isinstance(n, ast.FunctionDef) and n.name == "add_arguments" for n in tree.body)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -154,14 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"segpipe {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="<stage>", parser_class=_Parser)
-    for name, (module, short, long) in STAGES.items():
-        sp = sub.add_parser(name, help=short, description=short[0].upper() + short[1:] + ".\n\n"
-                            + textwrap.fill(" ".join(long.split()), 96),
+    for name, module in STAGES.items():
+        tree = stage_source(module)
+        short, description = stage_help(tree)
+        sp = sub.add_parser(name, help=short, description=description,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(sp)
-        mod = importlib.import_module(module) if name in STAGE_ARGS else None
-        if mod is not None and hasattr(mod, "add_arguments"):
-            mod.add_arguments(sp)
+        if _has_arguments(tree):  # only these are imported at start-up (their top-level imports stay light)
+            importlib.import_module(module).add_arguments(sp)
     return parser
 
 
@@ -200,12 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.stage:
             parser.print_help()
             return 2
-        module = importlib.import_module(STAGES[args.stage][0])
+        module = importlib.import_module(STAGES[args.stage])
         needs_params = getattr(module, "NEEDS_PARAMS", True)
         params = None
         if needs_params:
-            from pipeline.config import load_params
-
             params = load_params(args.params, args.overrides)
         return int(module.run(params, args) or 0)
     except UserError as exc:

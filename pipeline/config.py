@@ -4,18 +4,27 @@
 (same syntax as ``dvc exp run -S``: the value is parsed as YAML), and validates the result against
 :class:`Params`. Any problem raises :class:`ParamsError` whose message names the offending key, so
 the CLI can print one ``error: ...`` line and exit 2.
+
+One home for each fact: the repo's params.yaml holds every default value; the pydantic classes
+here hold types, bounds, descriptions and cross-field checks only. A key missing from a params
+file (or from a block built in code, e.g. ``DataParams(source="sample")``) is filled from the
+same block of the repo's params.yaml before validation (``_Strict.SECTION``);
+:func:`default_params` is that file itself. Dict-valued keys (families, tune.space,
+model_options) are taken whole, never merged key by key.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
+from pipeline.storage import REPO
 
 KNOWN_SOURCES = ("sample", "synthetic", "voc2012", "voc2012_aug")
 
@@ -31,20 +40,47 @@ class ParamsError(UserError):
     """Bad params: unknown key, wrong type or bad value."""
 
 
+@functools.cache
+def repo_defaults() -> dict:
+    """The committed params.yaml of the checkout: the one home of every default value ({} when the
+    package runs without its checkout: every key is then required)."""
+    path = REPO / "params.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _defaults_at(section: str) -> dict:
+    node = repo_defaults()
+    for part in filter(None, section.split(".")):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
 class _Strict(BaseModel):
+    """A params block: its fields carry types, bounds and descriptions but no default values; a key
+    missing from the input is taken from the same block of the repo's params.yaml (``SECTION``)
+    before validation, so ``DataParams(source="sample")`` in code and a params file without some
+    key both get params.yaml's values."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    SECTION: ClassVar[str | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_params_yaml(cls, data: Any) -> Any:
+        if cls.SECTION is None or not isinstance(data, dict):
+            return data
+        return {**_defaults_at(cls.SECTION), **data}
 
 
 class SyntheticParams(_Strict):
-    train_count: int = Field(160, ge=1, description="number of generated train scenes")
-    val_count: int = Field(40, ge=1, description="number of generated val scenes")
-    size: int = Field(96, ge=32, le=2048, description="side of the square generated images")
-    seed: int = Field(0, ge=0, description="generation seed (same seed, same bytes)")
-    max_objects: int = Field(3, ge=1, le=10, description="objects per scene")
-    classes: list[int] = Field(
-        default_factory=lambda: [1, 7, 12, 15],
-        description="VOC class ids the scenes draw from",
-    )
+    SECTION = "data.synthetic"
+
+    train_count: int = Field(ge=1, description="number of generated train scenes")
+    val_count: int = Field(ge=1, description="number of generated val scenes")
+    size: int = Field(ge=32, le=2048, description="side of the square generated images")
+    seed: int = Field(ge=0, description="generation seed (same seed, same bytes)")
+    max_objects: int = Field(ge=1, le=10, description="objects per scene")
+    classes: list[int] = Field(description="VOC class ids the scenes draw from")
 
     @field_validator("classes")
     @classmethod
@@ -58,28 +94,30 @@ class SyntheticParams(_Strict):
 
 
 class DataParams(_Strict):
-    source: str = Field("voc2012_aug", description="sample | synthetic | voc2012 | voc2012_aug | a VOC tar | a dir with VOCdevkit/")
-    sbd_source: str = Field("", description="a local SBD (benchmark.tgz, or its extracted dir) or a "
+    SECTION = "data"
+
+    source: str = Field(description="sample | synthetic | voc2012 | voc2012_aug | a VOC tar | a dir with VOCdevkit/")
+    sbd_source: str = Field(description="a local SBD (benchmark.tgz, or its extracted dir) or a "
                             "SegmentationClassAug folder: with a VOC source, fetch builds train_aug from it "
                             "(voc2012_aug then downloads no SBD); empty: SBD only via data.sbd_url for voc2012_aug")
-    dir: str = Field("data", description="working data directory: raw/ and shards/ live under it")
-    voc_url: str = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
-    voc_md5: str = "6cd6e144f989b92b3379bac3b3de84fd"
-    sbd_url: str = "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"
-    sbd_md5: str = "82b4d87ceb2ed10f6038a1cba92111cb"
-    download_timeout_s: float = Field(20.0, gt=0)
-    synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
-    row_group_rows: int = Field(100, ge=1, le=100, description="rows per Parquet row group (<= 100)")
-    shard_max_mb: float = Field(256.0, gt=0, description="a shard is closed once it reaches this size")
-    workers: int = Field(0, ge=0, description="preprocess processes; 0 = all cores")
-    extract_max_gb: float = Field(16.0, gt=0, description="an archive may expand to at most this many GB "
+    dir: str = Field(description="working data directory: raw/ and shards/ live under it")
+    voc_url: str
+    voc_md5: str
+    sbd_url: str
+    sbd_md5: str
+    download_timeout_s: float = Field(gt=0)
+    synthetic: SyntheticParams
+    row_group_rows: int = Field(ge=1, le=100, description="rows per Parquet row group (<= 100)")
+    shard_max_mb: float = Field(gt=0, description="a shard is closed once it reaches this size")
+    workers: int = Field(ge=0, description="preprocess processes; 0 = all cores")
+    extract_max_gb: float = Field(gt=0, description="an archive may expand to at most this many GB "
                                   "(VOC2012 trainval ~2 GB, SBD ~2.5 GB)")
-    extract_max_members: int = Field(200_000, ge=1, description="files + dirs one archive may hold (VOC ~40k, SBD ~35k)")
-    extract_max_ratio: float = Field(100.0, gt=1, description="uncompressed / compressed size an archive may "
+    extract_max_members: int = Field(ge=1, description="files + dirs one archive may hold (VOC ~40k, SBD ~35k)")
+    extract_max_ratio: float = Field(gt=1, description="uncompressed / compressed size an archive may "
                                      "reach (decompression bombs reach 1000s; VOC/SBD are < 2)")
-    verify_shards: bool = Field(True, description="train/tune check every shard's size, rows and sha256 "
+    verify_shards: bool = Field(description="train/tune check every shard's size, rows and sha256 "
                                 "against manifest.json before Ray starts")
-    tune_split: float | list[str] = Field(0.0, description="the tuning split, carved from train: a fraction "
+    tune_split: float | list[str] = Field(description="the tuning split, carved from train: a fraction "
                                           "(the ids with the smallest sha256, at least one) or a list of train ids; "
                                           "0 = none (tune trials then select on val, the published split)")
 
@@ -120,12 +158,14 @@ class DataParams(_Strict):
 
 
 class TrainParams(_Strict):
-    model: str = Field("deeplabv3_resnet50", description="registry name (see `segpipe models`)")
-    model_options: dict[str, Any] = Field(default_factory=dict)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(8, ge=1, description="per worker")
-    crop_size: int = Field(513, ge=16)
-    eval_size: int = Field(513, ge=16, description="val images are padded/resized to this square size")
+    SECTION = "train"
+
+    model: str = Field(description="registry name (see `segpipe models`)")
+    model_options: dict[str, Any]
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="per worker")
+    crop_size: int = Field(ge=16)
+    eval_size: int = Field(ge=16, description="val images are padded/resized to this square size")
 
     @field_validator("crop_size", "eval_size")
     @classmethod
@@ -133,26 +173,26 @@ class TrainParams(_Strict):
         if v > MAX_SIDE:
             raise ValueError(f"must be <= {MAX_SIDE}, got {v}: {MAX_SIDE_REASON}")
         return v
-    scale_min: float = Field(0.5, gt=0)
-    scale_max: float = Field(2.0, gt=0)
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup before the poly schedule")
-    poly_power: float = Field(0.9, gt=0)
-    bn_momentum: float | None = Field(None, gt=0, le=1, description="override every BatchNorm's momentum (None: the model's own)")
-    aux_weight: float = Field(0.5, ge=0, description="weight of the aux loss where the model has one")
-    aux_lr_mult: float = Field(1.0, gt=0, description="lr multiplier of the aux classifier (torchvision's recipe: 10)")
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    channels_last: bool = True
-    grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 = off")
-    eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and after the last)")
-    loader_workers: int = Field(2, ge=0, description="DataLoader processes per Ray worker")
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
-    resume: bool = False
-    models_dir: str = Field("models", description="where <family>-seed<N>.pt is written")
-    reports_dir: str = Field("reports", description="where metrics/<family>-seed<N>.json, the epoch CSV and the comparison report go")
-    sample_images: int = Field(4, ge=0, description="val images in the MLflow prediction grid")
+    scale_min: float = Field(gt=0)
+    scale_max: float = Field(gt=0)
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    warmup_epochs: float = Field(ge=0, description="linear warmup before the poly schedule")
+    poly_power: float = Field(gt=0)
+    bn_momentum: float | None = Field(gt=0, le=1, description="override every BatchNorm's momentum (None: the model's own)")
+    aux_weight: float = Field(ge=0, description="weight of the aux loss where the model has one")
+    aux_lr_mult: float = Field(gt=0, description="lr multiplier of the aux classifier (torchvision's recipe: 10)")
+    amp: Literal["auto", "bf16", "fp16", "off"]
+    channels_last: bool
+    grad_clip: float = Field(ge=0, description="max grad norm; 0 = off")
+    eval_every: int = Field(ge=1, description="evaluate every N epochs (and after the last)")
+    loader_workers: int = Field(ge=0, description="DataLoader processes per Ray worker")
+    max_failures: int = Field(ge=0, description="worker-group restarts from the last checkpoint")
+    resume: bool
+    models_dir: str = Field(description="where <family>-seed<N>.pt is written")
+    reports_dir: str = Field(description="where metrics/<family>-seed<N>.json, the epoch CSV and the comparison report go")
+    sample_images: int = Field(ge=0, description="val images in the MLflow prediction grid")
 
     @model_validator(mode="after")
     def _scales(self) -> "TrainParams":
@@ -203,58 +243,52 @@ def family_params(p: "Params", family: str) -> "Params":
 
 
 class MlflowParams(_Strict):
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "segpipe"
+    SECTION = "mlflow"
+
+    tracking_uri: str
+    experiment: str
     # an http(s) tracking server: MLflow's own retries (MLFLOW_HTTP_REQUEST_* env vars, which win
     # when set), bounded so a short outage is survived and a dead server fails in minutes, not hours
-    http_max_retries: int = Field(5, ge=0, le=10, description="retries of a failed tracking request")
-    http_backoff_factor: int = Field(2, ge=0, le=10, description="retry sleeps: 0, 2f, 4f, 8f, ... seconds")
-    http_timeout_s: int = Field(15, ge=1, le=300, description="timeout of one tracking request")
-    preflight_timeout_s: float = Field(5.0, gt=0, le=60, description="train/tune/report check the store first, "
+    http_max_retries: int = Field(ge=0, le=10, description="retries of a failed tracking request")
+    http_backoff_factor: int = Field(ge=0, le=10, description="retry sleeps: 0, 2f, 4f, 8f, ... seconds")
+    http_timeout_s: int = Field(ge=1, le=300, description="timeout of one tracking request")
+    preflight_timeout_s: float = Field(gt=0, le=60, description="train/tune/report check the store first, "
                                        "with this timeout per request (no retries)")
 
 
 class RayParams(_Strict):
-    address: str = ""
-    num_workers: int = Field(2, ge=1)
-    use_gpu: Literal["auto", True, False] = "auto"
-    cpus_per_worker: float = Field(1.0, gt=0)
-    storage_path: str = "ray_results"
+    SECTION = "ray"
+
+    address: str
+    num_workers: int = Field(ge=1)
+    use_gpu: Literal["auto", True, False]
+    cpus_per_worker: float = Field(gt=0)
+    storage_path: str
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray Train worker placement: PACK fills a node first; SPREAD one worker per node where it can")
+        description="Ray Train worker placement: PACK fills a node first; SPREAD one worker per node where it can")
 
 
 class ReportParams(_Strict):
     """`segpipe report`: the comparison built from the MLflow runs."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where latency is measured (auto: cuda if present)")
-    latency_warmup: int = Field(3, ge=0, description="untimed forward passes before timing")
-    latency_repeats: int = Field(20, ge=1, description="timed forward passes (batch 1, eval size); the median is reported")
-    sample_images: int = Field(4, ge=0, description="val images in the qualitative grid (0 = no grid)")
-    register_best: bool = Field(True, description="register each family's best run as segpipe-<family> with alias best")
+    SECTION = "report"
+    device: Literal["auto", "cpu", "cuda"] = Field(description="where latency is measured (auto: cuda if present)")
+    latency_warmup: int = Field(ge=0, description="untimed forward passes before timing")
+    latency_repeats: int = Field(ge=1, description="timed forward passes (batch 1, eval size); the median is reported")
+    sample_images: int = Field(ge=0, description="val images in the qualitative grid (0 = no grid)")
+    register_best: bool = Field(description="register each family's best run as segpipe-<family> with alias best")
 
 
 class PredictParams(_Strict):
     """`segpipe predict`: bounds on what one input image may cost."""
 
-    max_pixels: int = Field(8_000_000, ge=4096, le=100_000_000,
+    SECTION = "predict"
+    max_pixels: int = Field(ge=4096, le=100_000_000,
                             description="a larger image is shrunk to this many pixels first (JPEGs decoded at "
                                         "reduced scale): keeps peak memory under ~2 GB")
 
 
 SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform")
-
-
-def _default_space() -> dict[str, dict[str, Any]]:
-    optim = {"lr": {"loguniform": [0.002, 0.05]}, "weight_decay": {"loguniform": [1e-5, 1e-3]}}
-    return {
-        "deeplabv3": {"atrous_rates": {"grid": [[6, 12, 18], [12, 24, 36], [3, 6, 9], [1, 6, 12]]},
-                      "output_stride": {"grid": [8, 16]}, "aspp": {"grid": ["parallel", "cascade"]}, **optim},
-        "fcn": {"variant": {"grid": ["32s", "16s", "8s"]}, "upsample": {"grid": ["bilinear", "transposed", "unpool"]},
-                **optim},
-        "unet": {"upsample": {"grid": ["bilinear", "transposed"]}, **optim},  # unet_resnet50 has no unpool
-        "lraspp": dict(optim),
-    }
 
 
 def check_space_entry(where: str, value: Any) -> None:
@@ -282,21 +316,20 @@ def check_space_entry(where: str, value: Any) -> None:
 class TuneParams(_Strict):
     """`segpipe tune`: Ray Tune search per family (ASHA early stopping on val/mIoU)."""
 
-    families: list[str] = Field(default_factory=lambda: ["deeplabv3", "fcn", "unet"],
-                                description="families to tune (keys of `families`); DVC's tune matrix iterates over them")
-    space: dict[str, dict[str, Any]] = Field(default_factory=_default_space,
-                                             description="family -> entry -> search entry or fixed value")
-    search_alg: Literal["random", "optuna"] = Field("random", description="random: grid entries crossed, the rest "
+    SECTION = "tune"
+    families: list[str] = Field(description="families to tune (keys of `families`); DVC's tune matrix iterates over them")
+    space: dict[str, dict[str, Any]] = Field(description="family -> entry -> search entry or fixed value")
+    search_alg: Literal["random", "optuna"] = Field(description="random: grid entries crossed, the rest "
                                                     "sampled; optuna: TPE (grid entries become choices)")
-    num_samples: int = Field(1, ge=1, description="random: repeats of the grid (each with fresh samples); optuna: trials")
-    max_concurrent_trials: int = Field(2, ge=1)
-    max_epochs: int = Field(10, ge=1, description="epochs of a trial that is never stopped (ASHA max_t)")
-    grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
-    reduction_factor: int = Field(2, ge=2, description="ASHA: keep the top 1/reduction_factor at each rung")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers per trial")
-    cpus_per_worker: float = Field(0.9, gt=0, description="CPUs each trial worker reserves")
-    trainable_cpus: float = Field(0.01, ge=0, description="CPUs of the trial driver (it only waits for its TorchTrainer)")
-    resume: bool = Field(False, description="continue the latest interrupted tune of the family (Tuner.restore)")
+    num_samples: int = Field(ge=1, description="random: repeats of the grid (each with fresh samples); optuna: trials")
+    max_concurrent_trials: int = Field(ge=1)
+    max_epochs: int = Field(ge=1, description="epochs of a trial that is never stopped (ASHA max_t)")
+    grace_period: int = Field(ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = Field(ge=2, description="ASHA: keep the top 1/reduction_factor at each rung")
+    num_workers: int = Field(ge=1, description="Ray Train workers per trial")
+    cpus_per_worker: float = Field(gt=0, description="CPUs each trial worker reserves")
+    trainable_cpus: float = Field(ge=0, description="CPUs of the trial driver (it only waits for its TorchTrainer)")
+    resume: bool = Field(description="continue the latest interrupted tune of the family (Tuner.restore)")
 
     @field_validator("families")
     @classmethod
@@ -323,18 +356,20 @@ class TuneParams(_Strict):
 
 
 class Params(_Strict):
-    profile: str = Field("default", description="the recipe profile these params come from (profiles/<name>.yaml; "
+    SECTION = ""
+
+    profile: str = Field(description="the recipe profile these params come from (profiles/<name>.yaml; "
                          "`segpipe quickstart --profile` sets it): tagged on every run, its published anchors in the report")
-    seed: int = Field(0, ge=0)
-    seeds: list[int] = Field(default_factory=lambda: [0], description="DVC's train matrix runs families x seeds")
-    data: DataParams = Field(default_factory=DataParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    families: dict[str, FamilyParams] = Field(default_factory=dict)
-    mlflow: MlflowParams = Field(default_factory=MlflowParams)
-    ray: RayParams = Field(default_factory=RayParams)
-    tune: TuneParams = Field(default_factory=TuneParams)
-    report: ReportParams = Field(default_factory=ReportParams)
-    predict: PredictParams = Field(default_factory=PredictParams)
+    seed: int = Field(ge=0)
+    seeds: list[int] = Field(description="DVC's train matrix runs families x seeds")
+    data: DataParams
+    train: TrainParams
+    families: dict[str, FamilyParams]
+    mlflow: MlflowParams
+    ray: RayParams
+    tune: TuneParams
+    report: ReportParams
+    predict: PredictParams
 
     @field_validator("seeds")
     @classmethod
@@ -415,6 +450,12 @@ def validate(raw: dict, source: str = "params") -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise ParamsError(_format_validation_error(exc, source)) from None
+
+
+def default_params(overrides: list[str] | None = None) -> Params:
+    """The repo's params.yaml (with ``-S``-style overrides): the defaults, for code and tests that
+    build params without a file of their own."""
+    return load_params(REPO / "params.yaml", overrides)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:

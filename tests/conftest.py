@@ -61,8 +61,8 @@ def ray_local():
 def synthetic_shards(tmp_path_factory) -> Path:
     """Tiny synthetic shards (16 train / 6 val, 64 px), made once per session."""
     from pipeline.config import load_params
-    from pipeline.stages.fetch import fetch
-    from pipeline.stages.preprocess import preprocess
+    from pipeline.data.sources import fetch
+    from pipeline.data.shards import preprocess
 
     d = tmp_path_factory.mktemp("syn") / "data"
     p = load_params(ROOT / "params.yaml", [f"data.dir={d}", "data.source=synthetic", "data.synthetic.train_count=16",

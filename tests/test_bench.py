@@ -175,7 +175,7 @@ def _scene():
 def test_train_transform_keeps_image_and_mask_aligned():
     from torchvision import tv_tensors
 
-    from pipeline.data.loaders import IMAGENET_MEAN, IMAGENET_STD, train_transform
+    from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 
     image, mask = _scene()
     t = train_transform(513, 0.5, 2.0)
@@ -203,7 +203,7 @@ def test_uint8_hand_over_is_the_normalised_transform():
     into exactly what the float transform gives."""
     from torchvision import tv_tensors
 
-    from pipeline.data.loaders import eval_transform, train_transform
+    from pipeline.data.transforms import eval_transform, train_transform
     from pipeline.training.engine import StepOptions, _to_device
 
     image, mask = _scene()
@@ -224,7 +224,7 @@ def test_train_transform_without_scaling_is_the_image_itself():
     """scale 1 and a crop larger than the image: the image (or its mirror) at the top left, padded."""
     from torchvision import tv_tensors
 
-    from pipeline.data.loaders import normalize_uint8, train_transform
+    from pipeline.data.transforms import normalize_uint8, train_transform
 
     image, mask = _scene()
     t = train_transform(600, 1.0, 1.0)

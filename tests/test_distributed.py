@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def one_val_image(tmp_path_factory) -> Path:
     from pipeline.config import load_params
-    from pipeline.stages.fetch import fetch
-    from pipeline.stages.preprocess import preprocess
+    from pipeline.data.sources import fetch
+    from pipeline.data.shards import preprocess
 
     d = tmp_path_factory.mktemp("oneval") / "data"
     p = load_params(ROOT / "params.yaml", [f"data.dir={d}", "data.source=synthetic", "data.synthetic.train_count=8",

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.download import download, md5sum, safe_extract, sha256sum
+from pipeline.data.archive import safe_extract
+from pipeline.data.download import download, md5sum, sha256sum
 from pipeline.errors import UserError
 
 PAYLOAD = random.Random(0).randbytes(300_000)

@@ -24,7 +24,7 @@ def test_dvc_repro_preprocess_then_noop(tmp_path):
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("pipeline", "assets", "profiles"):
+    for name in ("pipeline", "seg_models", "assets", "profiles"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["source"] = "sample"
@@ -52,6 +52,13 @@ def test_dvc_repro_preprocess_then_noop(tmp_path):
     third = _run([str(BIN / "dvc"), "repro", "preprocess"], repo)
     assert third.returncode == 0, third.stderr
     assert "Running stage 'preprocess'" in third.stdout and "Running stage 'fetch'" not in third.stdout
+
+    # a code change in a package folder the stage depends on re-runs it (deps name folders, not files)
+    shards = repo / "pipeline" / "data" / "shards.py"
+    shards.write_text(shards.read_text() + "\n# touched\n")
+    fourth = _run([str(BIN / "dvc"), "repro", "preprocess"], repo)
+    assert fourth.returncode == 0, fourth.stderr
+    assert "Running stage 'preprocess'" in fourth.stdout, fourth.stdout
 
 
 def test_report_runs_after_every_train_and_tune_stage():

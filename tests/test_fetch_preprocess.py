@@ -13,8 +13,8 @@ from PIL import Image
 
 from pipeline.config import load_params
 from pipeline.data.loaders import ShardDataset, decode_mask, list_shards
-from pipeline.stages.fetch import fetch
-from pipeline.stages.preprocess import preprocess
+from pipeline.data.sources import fetch
+from pipeline.data.shards import preprocess
 from tests.conftest import ROOT, SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
 
 
@@ -228,7 +228,7 @@ def test_dataset_partitions_are_disjoint_and_cover(tmp_path, params_file):
 def test_transforms(tmp_path, params_file):
     import torch
 
-    from pipeline.data.loaders import eval_transform, train_transform
+    from pipeline.data.transforms import eval_transform, train_transform
 
     d = tmp_path / "D"
     fetch(_params(params_file, d, "data.source=sample"), progress=False)

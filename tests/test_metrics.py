@@ -86,7 +86,8 @@ def test_two_ray_workers_equal_one_process(ray_local, synthetic_shards):
     from ray.train.torch import TorchTrainer
 
     from pipeline.training import engine
-    from pipeline.data.loaders import ShardDataset, eval_transform
+    from pipeline.data.loaders import ShardDataset
+    from pipeline.data.transforms import eval_transform
     from pipeline.stages.train import build_loaders
     from seg_models import build_model
 

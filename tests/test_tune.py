@@ -390,8 +390,8 @@ def test_tune_split_is_carved_from_train_and_trials_select_on_it(tmp_path, param
 
     from pipeline.data.loaders import ShardDataset, load_manifest
     from pipeline.errors import UserError
-    from pipeline.stages.fetch import fetch
-    from pipeline.stages.preprocess import preprocess
+    from pipeline.data.sources import fetch
+    from pipeline.data.shards import preprocess
     from pipeline.tuning.space import trial_splits
     from tests.conftest import tree_snapshot
 

@@ -8,7 +8,7 @@ import pytest
 import seg_models
 from pipeline.config import load_params
 from pipeline.errors import UserError
-from pipeline.stages.fetch import fetch_weights
+from pipeline.data.weights import fetch_weights
 from tests.conftest import ROOT
 from tests.test_download import FileServer  # noqa: F401  (the same local server)
 

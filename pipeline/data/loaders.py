@@ -1,5 +1,5 @@
-"""Reading the Parquet shards: a torch Dataset, a block-shuffling sampler, the train/eval
-transforms (on uint8 (Image, Mask) pairs, torchvision.transforms.v2.functional) and a Ray Data dataset.
+"""Reading the Parquet shards: the manifest and its check, a torch Dataset and a block-shuffling
+sampler. The transforms a dataset applies live in :mod:`pipeline.data.transforms`.
 
 Each worker of a distributed run reads a disjoint part of the rows (rank::world_size), decoding
 only the row groups that hold its rows. JPEGs are decoded with torchvision.io (no re-encoding),
@@ -8,28 +8,25 @@ masks from their PNG bytes, losslessly (palette index = class id).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
-
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+
+from pipeline import storage
+from pipeline.errors import UserError
 
 # torchvision 0.29 warns on every decode that its decoders move to torchcodec; they still work.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
-from torchvision.transforms.v2 import functional as TF
-
-from pipeline import storage
-from pipeline.training.engine import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8  # noqa: F401  (pure torch; re-exported)
-from pipeline.errors import UserError
-from pipeline.data.voc import IGNORE_INDEX
 
 
 def shard_dir(data_dir: str | Path) -> str:
@@ -56,9 +53,6 @@ def verify_shards(data_dir: str | Path, splits: tuple[str, ...] | None = None) -
     size, row count (Parquet footer) and sha256 of the whole file. The first mismatch is one
     UserError naming the shard and saying to re-run preprocess. Returns {"shards", "bytes",
     "seconds"} (the cost, for `segpipe bench verify`)."""
-    import hashlib
-    import time
-
     started = time.perf_counter()
     manifest = load_manifest(data_dir)
     root = shard_dir(data_dir)
@@ -210,153 +204,3 @@ class BlockShuffleSampler(Sampler[int]):
         for b in blocks:
             rng.shuffle(b)
             yield from b
-
-
-class PadTo(torch.nn.Module):
-    """Pad bottom/right to at least `size` (image with 0, mask with 255 = void)."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def forward(self, image, mask):
-        h, w = image.shape[-2:]
-        ph, pw = max(0, self.size - h), max(0, self.size - w)
-        if ph or pw:
-            image = TF.pad(image, [0, 0, pw, ph], fill=0)
-            mask = TF.pad(mask, [0, 0, pw, ph], fill=IGNORE_INDEX)
-        return image, mask
-
-
-class FitInside(torch.nn.Module):
-    """Shrink so the longer side is at most `size` (keeps aspect); smaller images are untouched."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def forward(self, image, mask):
-        h, w = image.shape[-2:]
-        if max(h, w) <= self.size:
-            return image, mask
-        s = self.size / max(h, w)
-        size = [max(1, round(h * s)), max(1, round(w * s))]
-        return TF.resize(image, size, antialias=True), TF.resize(mask, size)
-
-
-_MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-_INV_STD_255 = 1.0 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)
-
-
-class _Finish(torch.nn.Module):
-    """uint8 image -> normalised float; mask -> int64 HxW. With normalize=False both stay uint8."""
-
-    def __init__(self, normalize: bool = True):
-        super().__init__()
-        self.normalize = normalize
-
-    def forward(self, image, mask):
-        image, mask = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-        if not self.normalize:
-            return image, mask
-        return normalize_uint8(image), mask.long()
-
-
-def _nearest_rows(n_out: int, start: int, stop: int) -> np.ndarray:
-    """Source indices of nearest-exact resampling of [start, stop) to n_out samples (pixel centres
-    aligned, as the bilinear image resize is)."""
-    idx = ((np.arange(n_out) + 0.5) * ((stop - start) / n_out)).astype(np.int64)
-    return np.minimum(idx, stop - start - 1) + start
-
-
-class RandomScaleCrop(torch.nn.Module):
-    """Random scale in [lo, hi], horizontal flip (p=0.5), pad bottom/right (image 0, mask 255) and
-    random crop to size x size -- the composition RandomScale -> flip -> PadTo -> RandomCrop,
-    computed on the part of the image that lands in the crop only: that source window is cut
-    first and resized (uint8, antialiased) straight to its place, the mask by an index gather, and
-    the result is normalised once into the padded canvas. Same distribution of scales, flips and
-    offsets as the composition, at a fraction of its cost (`segpipe bench loader`).
-
-    normalize=False returns a uint8 image and a uint8 mask (4x and 8x fewer bytes to pass from
-    DataLoader workers and to copy to the GPU): pipeline.training.engine normalises such batches on the
-    device and makes the masks int64 there."""
-
-    def __init__(self, size: int, lo: float = 0.5, hi: float = 2.0, normalize: bool = True):
-        super().__init__()
-        self.size, self.lo, self.hi, self.normalize = size, lo, hi, normalize
-
-    def forward(self, image, mask):
-        image, mask = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-        c = self.size
-        h, w = image.shape[-2:]
-        u_scale, u_flip, u_top, u_left = torch.rand(4).tolist()  # torch's RNG: seeded per DataLoader worker
-        s = self.lo + (self.hi - self.lo) * u_scale
-        sh, sw = max(1, round(h * s)), max(1, round(w * s))       # size of the scaled image
-        top = min(int(u_top * (max(sh, c) - c + 1)), max(sh, c) - c)  # crop offset in the padded image
-        left = min(int(u_left * (max(sw, c) - c + 1)), max(sw, c) - c)
-        vh, vw = min(c, sh - top), min(c, sw - left)               # the part of the crop that is image
-        flip = u_flip < 0.5
-        if flip:  # the crop of the flipped image is the mirror of this window of the unflipped one
-            left = sw - left - vw
-        fy, fx = h / sh, w / sw
-        r0 = min(h - 1, math.floor(top * fy))
-        r1 = max(r0 + 1, min(h, math.ceil((top + vh) * fy)))
-        c0 = min(w - 1, math.floor(left * fx))
-        c1 = max(c0 + 1, min(w, math.ceil((left + vw) * fx)))
-        img = TF.resize_image(image[:, r0:r1, c0:c1], [vh, vw], antialias=True)
-        m = torch.from_numpy(mask.numpy()[_nearest_rows(vh, r0, r1)][:, _nearest_rows(vw, c0, c1)])
-        if flip:
-            img, m = img.flip(-1), m.flip(-1)
-        if not self.normalize:
-            if vh == c and vw == c:
-                return img.contiguous(), m.contiguous()
-            out = torch.zeros(3, c, c, dtype=torch.uint8)
-            target = torch.full((c, c), IGNORE_INDEX, dtype=torch.uint8)
-            out[:, :vh, :vw], target[:vh, :vw] = img, m
-            return out, target
-        if vh == c and vw == c:
-            return normalize_uint8(img), m.long()
-        out = (-_MEAN_255 * _INV_STD_255).expand(3, c, c).clone()  # padding: a 0 pixel, normalised
-        out[:, :vh, :vw] = normalize_uint8(img)
-        target = torch.full((c, c), IGNORE_INDEX, dtype=torch.int64)
-        target[:vh, :vw] = m
-        return out, target
-
-
-class PairCompose(torch.nn.Module):
-    def __init__(self, *steps):
-        super().__init__()
-        self.steps = torch.nn.ModuleList(steps)
-
-    def forward(self, image, mask):
-        for step in self.steps:
-            image, mask = step(image, mask)
-        return image, mask
-
-
-def train_transform(crop_size: int, scale_min: float = 0.5, scale_max: float = 2.0,
-                    normalize: bool = True) -> RandomScaleCrop:
-    """Random scale, horizontal flip, pad (mask with 255), random crop, normalise (fused: see
-    RandomScaleCrop; normalize=False: uint8 image and mask, normalised later on the device)."""
-    return RandomScaleCrop(crop_size, scale_min, scale_max, normalize)
-
-
-def eval_transform(size: int, normalize: bool = True) -> PairCompose:
-    """Shrink to fit inside size x size, then pad to exactly that (mask padded with 255);
-    normalize=False: uint8 image and mask, as train_transform."""
-    return PairCompose(FitInside(size), PadTo(size), _Finish(normalize))
-
-
-def ray_dataset(data_dir: str | Path, split: str):
-    """A Ray Data dataset over one split's shards (rows: id, image bytes, mask bytes, ...).
-    Ray splits it across Train workers (e.g. `ray.train.get_dataset_shard`)."""
-    import ray.data
-
-    return ray.data.read_parquet([str(p) for p in list_shards(data_dir, split)])
-
-
-def decode_batch(batch: dict) -> dict:
-    """Ray Data map_batches function: bytes -> uint8 image/mask tensors (lists: sizes differ)."""
-    batch["image_tensor"] = [decode_image(b).numpy() for b in batch["image"]]
-    batch["mask_tensor"] = [decode_mask(b).numpy() for b in batch["mask"]]
-    return batch

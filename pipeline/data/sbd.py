@@ -14,14 +14,17 @@ Input: the extracted SBD ``benchmark_RELEASE/dataset`` directory (``cls/<id>.mat
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from scipy.io import loadmat
 from tqdm import tqdm
 
+from pipeline.data.voc import read_id_list
 from pipeline.errors import UserError
 from pipeline.data.palette import save_mask_png
 
@@ -34,9 +37,7 @@ _PARALLEL_MIN = 500  # fewer conversions than this: not worth starting processes
 
 def read_ids(path: Path) -> list[str]:
     """Ids of an ImageSets-style list (one id per line; blank lines ignored), each checked
-    against the VOC id grammar (pipeline.voc.read_id_list)."""
-    from pipeline.data.voc import read_id_list
-
+    against the VOC id grammar (pipeline.data.voc.read_id_list)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"missing id list {path}: is the dataset extracted completely?")
@@ -46,8 +47,6 @@ def read_ids(path: Path) -> list[str]:
 def load_sbd_mask(mat_path: Path) -> np.ndarray:
     """The H×W uint8 class map (0..20) of an SBD ``cls/<id>.mat`` file (struct ``GTcls``, field
     ``Segmentation``). Any problem is a :class:`UserError` naming the file."""
-    from scipy.io import loadmat
-
     mat_path = Path(mat_path)
     try:
         mat = loadmat(str(mat_path), struct_as_record=False, squeeze_me=True)
@@ -112,8 +111,6 @@ def _run_conversions(jobs: list[tuple[str, str]], workers: int | None, progress:
                 _convert(job)
                 bar.update(1)
         else:
-            import multiprocessing as mp
-
             # spawn: safe with threads in the parent (tqdm, Ray, MLflow); costs one import each
             with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
                 for _ in ex.map(_convert, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
@@ -157,21 +154,38 @@ def build_train_aug(
     out_dir = voc_root / "SegmentationClassAug"
     out_dir.mkdir(exist_ok=True)
 
-    # 1. VOC's own masks (all of them: they win wherever they exist)
+    have_voc = _copy_voc_masks(voc_masks, out_dir, voc_val)
+    from_sbd = _convert_sbd_masks(train_aug, have_voc, cls_dir, voc_masks, out_dir, workers, progress)
+    _copy_missing_images(train_aug, jpegs, img_dir)
+    split = sets / "train_aug.txt"
+    tmp = split.with_name(f".{split.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(f"{i}\n" for i in train_aug))
+    os.replace(tmp, split)
+
+    return {"train_aug": len(train_aug), "converted": from_sbd, "val": len(voc_val)}
+
+
+def _copy_voc_masks(voc_masks: Path, out_dir: Path, voc_val: list[str]) -> dict[str, Path]:
+    """VOC's own masks into out_dir (all of them: they win wherever they exist); every val id must
+    have one. Returns id -> VOC mask."""
     have_voc = {p.stem: p for p in voc_masks.glob("*.png")}
     for stem, src in have_voc.items():
         dst = out_dir / f"{stem}.png"
         if not _is_fresh(dst, src):
             _copy(src, dst)
-
     no_val_mask = [i for i in voc_val if i not in have_voc]
     if no_val_mask:
         raise UserError(
             f"VOC val id {no_val_mask[0]} has no mask {voc_masks}/{no_val_mask[0]}.png "
             f"({len(no_val_mask)} missing): the VOC2012 extraction is incomplete; extract it again"
         )
+    return have_voc
 
-    # 2. every train_aug id without a VOC mask comes from SBD
+
+def _convert_sbd_masks(train_aug: list[str], have_voc: dict, cls_dir: Path, voc_masks: Path, out_dir: Path,
+                       workers: int | None, progress: bool) -> int:
+    """Every train_aug id without a VOC mask from SBD's .mat (stale PNGs converted again). Returns
+    how many masks come from SBD."""
     jobs: list[tuple[str, str]] = []
     from_sbd = 0
     missing: list[str] = []
@@ -192,8 +206,11 @@ def build_train_aug(
             f"nor {cls_dir}/{missing[0]}.mat exists (incomplete SBD or VOC extraction?)"
         )
     _run_conversions(jobs, workers, progress)
+    return from_sbd
 
-    # 3. images VOC lacks
+
+def _copy_missing_images(train_aug: list[str], jpegs: Path, img_dir: Path) -> None:
+    """The train_aug images VOC lacks, from SBD's img/."""
     for i in train_aug:
         dst = jpegs / f"{i}.jpg"
         if dst.is_file():
@@ -202,11 +219,3 @@ def build_train_aug(
         if not src.is_file():
             raise UserError(f"no image for {i}: neither {dst} nor {src} exists (incomplete SBD extraction?)")
         _copy(src, dst)
-
-    # 4. the split
-    split = sets / "train_aug.txt"
-    tmp = split.with_name(f".{split.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{i}\n" for i in train_aug))
-    os.replace(tmp, split)
-
-    return {"train_aug": len(train_aug), "converted": from_sbd, "val": len(voc_val)}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from pipeline.config import SyntheticParams
 from pipeline.data.palette import save_mask_png
@@ -84,8 +85,6 @@ def make_scene(index: int, p: SyntheticParams) -> tuple[bytes, np.ndarray]:
 
 def generate(voc_root: Path, p: SyntheticParams, progress: bool = True) -> dict[str, int]:
     """Write the scenes under voc_root (= .../VOCdevkit/VOC2012) in the VOC layout."""
-    from tqdm import tqdm
-
     (voc_root / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (voc_root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
     sets = voc_root / "ImageSets" / "Segmentation"

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from pipeline.data.loaders import ShardDataset, decode_image, decode_mask, eval_transform
+from pipeline.data.loaders import ShardDataset, decode_image, decode_mask
+from pipeline.data.transforms import eval_transform
 from pipeline.data.palette import VOC_PALETTE
 from pipeline.data.voc import IGNORE_INDEX
 

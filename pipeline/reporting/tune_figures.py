@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.reporting.figures import _plt
+from pipeline.reporting.figures import plt  # matplotlib with the Agg backend chosen once
 from pipeline.tuning.space import Space, show
 from seg_models import model_info
 
@@ -29,7 +29,6 @@ def option(r: dict, name: str):
 
 
 def make_plots(rows: list[dict], space: Space, outdir: Path) -> list[Path]:
-    plt = _plt()
     done = [r for r in rows if r["val_mIoU"] is not None]
     color = space.info.color or None
     paths = [_versus(plt, done, space, hp, kind, arg, color, outdir / f"miou_vs_{hp}.png")

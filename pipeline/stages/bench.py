@@ -1,27 +1,38 @@
-"""`segpipe bench <what>`: speed benchmarks that print a table and the ratio against a baseline
-measured in the same run, and write <out>/<what>.json (machine info included) and <out>/../bench.md.
+"""Speed benchmarks (loader, preprocess, model, ray, pipeline, gpu) as ratios to a baseline.
 
-  loader      decode + train-augmentation images/s of the loader `segpipe train` builds (Parquet
-              shards, fused uint8 augmentation) vs torchvision.datasets.VOCSegmentation over the
-              same JPEG/PNG files with the same augmentation (torchvision.transforms.v2, step by step)
-              and the same DataLoader workers; also our shards with the step-by-step transform (the
-              loader before this benchmark) and the Ray Data path (pipeline.data.ray_dataset).
-              Images are synthetic VOC-like 500x375 JPEGs.
-  preprocess  `segpipe preprocess` images/s with 1 process vs all cores, and the peak RSS at two
-              set sizes (it must stay flat as the set grows).
-  model       forward+backward and inference ms/batch of our models vs torchvision's identical
-              ones (same weights), channels_last off/on, torch.compile off/on (--compile).
-  ray         img/s of the Ray Train loop (pipeline.train.fit) vs a plain single-process loop
-              (pipeline.training.engine) on the same data and model; 1 vs 2 workers.
-  pipeline    wall-clock of each DVC stage of the quickstart (2 epochs unless --full) in a scratch
-              copy of the repo, then of a no-op `dvc repro`.
-  gpu         benchmarks/gpu_bench.py: pure-torch training of each family at the full recipe's crop
-              and batch, AMP + channels_last (+ --compile), beside torchvision's model (CUDA GPU).
-  md          only rewrite <out>/../bench.md from the <what>.json files in <out>.
-
-Timings on a shared machine are noisy: every ratio compares runs interleaved in the same process,
-and medians are reported. Nothing here asserts a speed; the goals are printed as met / not met.
+Each benchmark times ours against a baseline in the same run, prints a table and the ratio, and
+writes <out>/<what>.json (with machine info) and bench.md beside <out> (default reports/bench).
+loader: our shard loader vs torchvision VOCSegmentation (same images, augmentation, workers) and Ray
+Data; preprocess: 1 vs all cores, peak RSS at two sizes; model: ours vs torchvision's identical
+models (channels_last, --compile); ray: Ray Train loop vs a plain loop, 1 vs 2 workers; pipeline:
+each DVC stage of the quickstart and a no-op dvc repro; gpu: benchmarks/gpu_bench.py (pure torch,
+CUDA). Defaults take under ~2 minutes each on CPU (pipeline: the whole quickstart with 2 epochs);
+--quick only checks that it runs.
 """
+
+# How it works (developer notes):
+# measured in the same run, and write <out>/<what>.json (machine info included) and <out>/../bench.md.
+#
+#   loader      decode + train-augmentation images/s of the loader `segpipe train` builds (Parquet
+#               shards, fused uint8 augmentation) vs torchvision.datasets.VOCSegmentation over the
+#               same JPEG/PNG files with the same augmentation (torchvision.transforms.v2, step by step)
+#               and the same DataLoader workers; also our shards with the step-by-step transform (the
+#               loader before this benchmark) and the Ray Data path (ray.data.read_parquet over the shards).
+#               Images are synthetic VOC-like 500x375 JPEGs.
+#   preprocess  `segpipe preprocess` images/s with 1 process vs all cores, and the peak RSS at two
+#               set sizes (it must stay flat as the set grows).
+#   model       forward+backward and inference ms/batch of our models vs torchvision's identical
+#               ones (same weights), channels_last off/on, torch.compile off/on (--compile).
+#   ray         img/s of the Ray Train loop (pipeline.train.fit) vs a plain single-process loop
+#               (pipeline.training.engine) on the same data and model; 1 vs 2 workers.
+#   pipeline    wall-clock of each DVC stage of the quickstart (2 epochs unless --full) in a scratch
+#               copy of the repo, then of a no-op `dvc repro`.
+#   gpu         benchmarks/gpu_bench.py: pure-torch training of each family at the full recipe's crop
+#               and batch, AMP + channels_last (+ --compile), beside torchvision's model (CUDA GPU).
+#   md          only rewrite <out>/../bench.md from the <what>.json files in <out>.
+#
+# Timings on a shared machine are noisy: every ratio compares runs interleaved in the same process,
+# and medians are reported. Nothing here asserts a speed; the goals are printed as met / not met.
 
 from __future__ import annotations
 
@@ -261,8 +272,8 @@ def make_voc(root: Path, n_train: int, n_val: int, height: int = 375, width: int
 def make_shards(voc_root: Path, data_dir: Path, workers: int = 0):
     """fetch (read in place) + preprocess, as `segpipe fetch/preprocess -S data.source=<voc_root>` do."""
     from pipeline.config import DataParams, Params
-    from pipeline.stages.fetch import fetch
-    from pipeline.stages.preprocess import preprocess
+    from pipeline.data.sources import fetch
+    from pipeline.data.shards import preprocess
 
     p = Params(data=DataParams(source=str(voc_root), dir=str(data_dir), workers=workers))
     fetch(p, progress=False)
@@ -291,7 +302,7 @@ class ReferenceTrainTransform:
         import torch
         from torchvision.transforms import v2
 
-        from pipeline.data import loaders as D
+        from pipeline.data import transforms as D
 
         self.lo, self.hi = scale_min, scale_max
         self.flip, self.pad, self.crop = v2.RandomHorizontalFlip(), D.PadTo(crop), v2.RandomCrop(crop)
@@ -339,7 +350,7 @@ class AugmentBatch:
         import numpy as np
         from torchvision import tv_tensors
 
-        from pipeline.data.loaders import decode_image, decode_mask, train_transform
+        from pipeline.data.loaders import decode_image, decode_mask; from pipeline.data.transforms import train_transform
 
         t = train_transform(self.crop, self.scale_min, self.scale_max, normalize=False)  # as segpipe train's loader
         pairs = [t(tv_tensors.Image(decode_image(i)), tv_tensors.Mask(decode_mask(m)))
@@ -376,7 +387,7 @@ def bench_loader(args, out: Path) -> dict:
     from torch.utils.data import DataLoader
     from torchvision.datasets import VOCSegmentation
 
-    from pipeline.data.loaders import BlockShuffleSampler, ShardDataset, train_transform
+    from pipeline.data.loaders import BlockShuffleSampler, ShardDataset; from pipeline.data.transforms import train_transform
     from pipeline.stages.train import build_loaders
 
     n = args.images or (48 if args.quick else 200)
@@ -467,7 +478,7 @@ def bench_loader(args, out: Path) -> dict:
 
 
 def _ray_data_rate(cfg: dict, work: Path, batch: int, crop: int, scale, workers: int, rounds: int) -> dict:
-    from pipeline.data.loaders import ray_dataset
+    from pipeline.data.loaders import list_shards
 
     cpus = max(2, workers)
     t0 = time.perf_counter()
@@ -480,7 +491,7 @@ def _ray_data_rate(cfg: dict, work: Path, batch: int, crop: int, scale, workers:
 
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        ds = ray_dataset(cfg["data_dir"], "train").map_batches(AugmentBatch(crop, *scale), batch_size=batch)
+        ds = ray.data.read_parquet(list_shards(cfg["data_dir"], "train")).map_batches(AugmentBatch(crop, *scale), batch_size=batch)
         ray_cpus = ray.cluster_resources().get("CPU", cpus)
         rates, firsts = [], []
         for r in range(rounds + 1 if rounds > 1 else 1):  # a first pass warms Ray Data up (workers, imports)
@@ -508,7 +519,7 @@ _PREPROCESS_CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from pipeline.config import load_params
-from pipeline.stages.preprocess import preprocess
+from pipeline.data.shards import preprocess
 p = load_params(sys.argv[1])
 t1 = time.perf_counter()
 manifest = preprocess(p, progress=False)
@@ -561,7 +572,7 @@ def bench_preprocess(args, out: Path) -> dict:
     import yaml
 
     from pipeline.config import load_params
-    from pipeline.stages.fetch import fetch
+    from pipeline.data.sources import fetch
 
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([60, 180] if args.quick else [1000, 3000])
     if len(sizes) < 2 or any(s < 1 for s in sizes):
@@ -811,8 +822,8 @@ def _plain_loop(cfg: dict, threads: int) -> dict:
 
 def bench_ray(args, out: Path) -> dict:
     from pipeline.config import DataParams, Params, RayParams, SyntheticParams, TrainParams
-    from pipeline.stages.fetch import fetch
-    from pipeline.stages.preprocess import preprocess
+    from pipeline.data.sources import fetch
+    from pipeline.data.shards import preprocess
     from pipeline.stages.train import Job, fit, worker_config
 
     n = args.images or (16 if args.quick else 64)
@@ -1065,7 +1076,7 @@ def bench_verify(args, out: Path) -> dict:
     --crop, one process: a lower bound on a training epoch), and its throughput in GB/s."""
     import shutil
 
-    from pipeline.data.loaders import ShardDataset, train_transform, verify_shards
+    from pipeline.data.loaders import ShardDataset, verify_shards; from pipeline.data.transforms import train_transform
 
     n = args.images or (40 if args.quick else 400)
     crop = args.crop or 513

@@ -1,4 +1,9 @@
-"""`segpipe mlflow-server`: the tracking server a cluster logs to.
+"""Run the MLflow tracking server a cluster logs to (proxied artifacts).
+
+`mlflow server` over the backend store of mlflow.tracking_uri (sqlite or postgresql://) with
+--serve-artifacts, bound to 127.0.0.1 unless --host says otherwise. Point jobs at it with
+MLFLOW_TRACKING_URI=http://HOST:PORT (cluster/runtime_env.yaml); artifacts are uploaded through the
+server into --artifacts-destination. Runs until Ctrl-C.
 
 `mlflow server` over the backend store of mlflow.tracking_uri (sqlite, or PostgreSQL:
 postgresql://user:pass@host/db) with `--serve-artifacts`: clients and Ray workers log over HTTP

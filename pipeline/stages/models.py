@@ -1,4 +1,8 @@
-"""`segpipe models`: the model registry as a table (family, parameters, GFLOPs, options)."""
+"""List the model registry: family, parameters, GFLOPs, options.
+
+Prints every model name seg_models.build_model accepts, with its family, parameter count, GFLOPs at
+--size x --size and the options it takes (upsample, atrous_rates, ...).
+"""
 
 from __future__ import annotations
 

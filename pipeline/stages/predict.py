@@ -1,10 +1,17 @@
-"""`segpipe predict --model <checkpoint | models:/segpipe-<family>@best> IMAGE... --out DIR`.
+"""Segment images with a trained model: coloured masks and overlays.
 
-Each image is segmented at the model's eval size (shrunk to fit, padded, prediction resized back to
-the image's own size) and written as <DIR>/<name>_mask.png (palette PNG: pixel = VOC class id,
-shown in the VOC colours) and <DIR>/<name>_overlay.png (the image with the classes blended in).
-Images that cannot be read are reported by name at the end (exit 2); the others are still written.
+--model is a checkpoint written by train (models/<family>-seed<N>.pt) or a registry URI
+(models:/segpipe-<family>@best, registered by `segpipe report`). Each image is resized to fit the
+eval size (--size; default the one the model was trained with), segmented, and the prediction is
+resized back: <out>/<name>_mask.png (VOC palette PNG of class ids) and <name>_overlay.png. Images
+that cannot be read are named at the end (exit 2); the others are still written.
 """
+
+# How it works (developer notes):
+# Each image is segmented at the model's eval size (shrunk to fit, padded, prediction resized back to
+# the image's own size) and written as <DIR>/<name>_mask.png (palette PNG: pixel = VOC class id,
+# shown in the VOC colours) and <DIR>/<name>_overlay.png (the image with the classes blended in).
+# Images that cannot be read are reported by name at the end (exit 2); the others are still written.
 
 from __future__ import annotations
 

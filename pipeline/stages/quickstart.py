@@ -1,14 +1,14 @@
-"""`segpipe quickstart`: run the whole DVC pipeline on the quickstart profile, offline, on CPU.
+"""Run the whole DVC pipeline offline on CPU with the quickstart profile.
 
-The profile (profiles/quickstart.yaml) is a set of `-S` overrides over params.yaml; they are
-handed to `dvc exp run -S ...`, so the same dvc.yaml runs and the experiment is recorded by DVC
-(`dvc exp show`). DVC applies the overrides to params.yaml in the workspace: `git checkout
-params.yaml` returns to the full recipe.
+Hands the overrides of profiles/quickstart.yaml (plus any -S given here) to `dvc exp run -S`, so the
+same dvc.yaml runs on small synthetic data in minutes; DVC records the experiment and applies the
+overrides to params.yaml in the workspace (`git checkout params.yaml` returns to the full recipe).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,6 +19,8 @@ import yaml
 from pipeline.config import load_params
 from pipeline.errors import UserError
 from pipeline.storage import REPO
+
+log = logging.getLogger(__name__)
 
 NEEDS_PARAMS = False
 PROFILES = REPO / "profiles"
@@ -101,7 +103,7 @@ def run(_params, args) -> int:
 
     manifest = load_manifest(p.data.dir)
     counts = ", ".join(f"{info['count']} {s}" for s, info in manifest["splits"].items())
-    print(f"\nquickstart done: {manifest['source']} data, {counts} images in {Path(p.data.dir) / 'shards'}")
+    log.info(f"\nquickstart done: {manifest['source']} data, {counts} images in {Path(p.data.dir) / 'shards'}")
     print(summary_table(p))
     return 0
 

@@ -1,19 +1,29 @@
-"""`segpipe report`: the comparison of the families, built from the MLflow tracking store.
+"""Compare the families from the MLflow runs: comparison.md/.json + PNGs, register the best models.
 
-Runs come from MLflow, not from local files: for every family of params.yaml and every seed of
-`seeds`, the latest FINISHED run tagged stage=train with the family's configured model (and the
-current data source), like with like: the seeds averaged for a family share every training setting
-but the seed (`select_runs`); runs of another setting are listed as left out with the keys that differ. From each run: final val metrics, per-class IoU, the val mIoU history, the
-confusion matrix artifact, training time (run start to end) and throughput. The report then loads
-each family's best logged model to measure what the runs do not hold: parameters, GFLOPs and
-latency (batch 1, eval size, on the local device), and the predictions of the qualitative grid.
-It registers each family's best run as `segpipe-<family>` with alias `best`. A family is marked †
-(tuned by `segpipe tune`) only when its averaged runs were trained with the best config of one of
-its finished tunes (the tune parent run's best.* params), not merely because trials exist.
-
-Outputs (in train.reports_dir): comparison.md, comparison.json and figures/*.png, written to a
-temporary place and moved in only when complete.
+Reads the runs from the MLflow tracking store (not local files): per family of params.yaml and seed
+of `seeds`, the latest FINISHED stage=train run of the configured model. Writes
+<reports_dir>/comparison.md, comparison.json and figures/: val mIoU (mean +- std over seeds),
+pixel/mean accuracy, params, GFLOPs and latency (measured here: batch 1, eval size, on
+report.device), training time, img/s, per-class IoU, mIoU vs params/latency, mIoU per epoch,
+confusion matrices, a qualitative grid on the same val images, Ray Tune plots when tune trials
+exist, which differences are inside the seed spread, and how it was produced. Registers each
+family's best run as segpipe-<family> with alias `best` (report.register_best). A family is
+marked † (tuned by `segpipe tune`) only when its averaged runs were trained with the best config of
+one of its finished tunes (the tune parent run's best.* params), not merely because trials exist.
 """
+
+# How it works (developer notes):
+# Runs come from MLflow, not from local files: for every family of params.yaml and every seed of
+# `seeds`, the latest FINISHED run tagged stage=train with the family's configured model (and the
+# current data source), like with like: the seeds averaged for a family share every training setting
+# but the seed (`select_runs`); runs of another setting are listed as left out with the keys that differ. From each run: final val metrics, per-class IoU, the val mIoU history, the
+# confusion matrix artifact, training time (run start to end) and throughput. The report then loads
+# each family's best logged model to measure what the runs do not hold: parameters, GFLOPs and
+# latency (batch 1, eval size, on the local device), and the predictions of the qualitative grid.
+# It registers each family's best run as `segpipe-<family>` with alias `best`.
+#
+# Outputs (in train.reports_dir): comparison.md, comparison.json and figures/*.png, written to a
+# temporary place and moved in only when complete.
 
 from __future__ import annotations
 

@@ -1,27 +1,39 @@
-"""`segpipe tune`: Ray Tune search per family over model options and optimiser settings.
+"""Ray Tune search per family (ASHA on val/mIoU), nested MLflow runs, best params.
 
-The search space lives in params.yaml (`tune.space.<family>.<entry>`): an entry is a model option of
-the family's model (`atrous_rates`, `output_stride`, `aspp`, `upsample`, ...), `model` (a registry
-name of the family), `variant` (a named variant of the family's models, seg_models FAMILIES[f].variants:
-FCN VGG16 32s / 16s / 8s -> fcn32s_vgg16 / fcn16s_vgg16 / fcn8s_vgg16) or an optimiser setting (`lr`, `weight_decay`, `momentum`); its value is
-`{choice: [...]}`, `{grid: [...]}`, `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}` or a fixed value.
-The whole space is checked before any trial starts: unknown entries and values that do not build
-(every choice is built on the meta device) are `error: ...`, exit 2.
-
-Each trial is a function trainable that builds the TorchTrainer of `segpipe train` (pipeline.stages.train:
-resolve_job / fit / train_loop_per_worker, no second loop) and forwards its per-epoch reports to
-Tune with TuneReportCallback; ASHA stops the weak trials on `val/mIoU` (time attribute: epoch).
-MLflow: one parent run per family and tune (stage=tune) and one nested child run per trial
-(stage=tune-trial, tag mlflow.parentRunId) with the trial's params and per-epoch metrics (logged by
-train's epoch callback). The parent gets the best config, a CSV of all trials and the plots, and
-<reports_dir>/tune/<family>/ gets best_params.yaml (a full params file: `segpipe train -p ...`),
-best_config.json (what `segpipe tune --apply` merges into params.yaml), metrics.json, trials.csv and
-plots/. `tune.resume: true` continues the latest interrupted tune of the family (Tuner.restore).
-
-This module holds the arguments and the order of the steps; the work is in pipeline.tuning (space:
-the search space; runner: the Tuner and the trial; asha: early stopping; results: rows and files;
-apply: --apply), pipeline.tracking.tune (the MLflow runs) and pipeline.reporting.tune_figures (plots).
+For each family of tune.families (or --family): checks the whole search space of tune.space.<family>
+first (model options such as atrous_rates / output_stride / aspp / upsample, `variant` 32s/16s/8s
+for FCN, `model`, and lr / weight_decay / momentum; each a {choice|grid|uniform|loguniform} entry or
+a fixed value), then runs one trial per config: the TorchTrainer of `segpipe train` for up to
+tune.max_epochs epochs, ASHA stopping weak trials on val/mIoU (tune.grace_period,
+tune.reduction_factor). Search: random/grid, or Optuna TPE (tune.search_alg). MLflow: a parent run
+(stage=tune) with the best config, trials.csv and plots, one child run per trial (stage=tune-trial).
+Writes <reports_dir>/tune/<family>/ best_params.yaml (train it: segpipe train -p ... --family F),
+best_config.json, metrics.json, trials.csv and plots/. tune.resume continues the latest interrupted
+tune (Ctrl-C exits 130); --apply merges the best config into params.yaml without running anything.
 """
+
+# How it works (developer notes):
+# The search space lives in params.yaml (`tune.space.<family>.<entry>`): an entry is a model option of
+# the family's model (`atrous_rates`, `output_stride`, `aspp`, `upsample`, ...), `model` (a registry
+# name of the family), `variant` (a named variant of the family's models, seg_models FAMILIES[f].variants:
+# FCN VGG16 32s / 16s / 8s -> fcn32s_vgg16 / fcn16s_vgg16 / fcn8s_vgg16) or an optimiser setting (`lr`, `weight_decay`, `momentum`); its value is
+# `{choice: [...]}`, `{grid: [...]}`, `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}` or a fixed value.
+# The whole space is checked before any trial starts: unknown entries and values that do not build
+# (every choice is built on the meta device) are `error: ...`, exit 2.
+#
+# Each trial is a function trainable that builds the TorchTrainer of `segpipe train` (pipeline.stages.train:
+# resolve_job / fit / train_loop_per_worker, no second loop) and forwards its per-epoch reports to
+# Tune with TuneReportCallback; ASHA stops the weak trials on `val/mIoU` (time attribute: epoch).
+# MLflow: one parent run per family and tune (stage=tune) and one nested child run per trial
+# (stage=tune-trial, tag mlflow.parentRunId) with the trial's params and per-epoch metrics (logged by
+# train's epoch callback). The parent gets the best config, a CSV of all trials and the plots, and
+# <reports_dir>/tune/<family>/ gets best_params.yaml (a full params file: `segpipe train -p ...`),
+# best_config.json (what `segpipe tune --apply` merges into params.yaml), metrics.json, trials.csv and
+# plots/. `tune.resume: true` continues the latest interrupted tune of the family (Tuner.restore).
+#
+# This module holds the arguments and the order of the steps; the work is in pipeline.tuning (space:
+# the search space; runner: the Tuner and the trial; asha: early stopping; results: rows and files;
+# apply: --apply), pipeline.tracking.tune (the MLflow runs) and pipeline.reporting.tune_figures (plots).
 
 from __future__ import annotations
 

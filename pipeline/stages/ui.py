@@ -1,4 +1,8 @@
-"""`segpipe ui`: the MLflow UI over the tracking store of params.yaml, on 127.0.0.1 only.
+"""Serve the MLflow UI for the tracking store on 127.0.0.1.
+
+Starts `mlflow server` on mlflow.tracking_uri bound to 127.0.0.1 (--port, default 5000), prints the
+URL and runs until Ctrl-C, then stops the server. In the UI: experiment `segpipe`, filter tags.stage
+= 'train', select runs, Compare (see README, MLflow UI).
 
 Starts `mlflow server` (its own process group, so stopping it stops all of its workers), waits until
 it answers, prints the URL and keeps running until Ctrl-C, SIGTERM or SIGHUP (terminal closed);
@@ -7,6 +11,7 @@ then stops the server's whole process tree (by process group and by PID) and exi
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -19,6 +24,8 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 
@@ -72,11 +79,9 @@ def _experiment_id(uri: str, name: str) -> str | None:
 
 
 def _say(line: str) -> None:
-    """print, unless the terminal is gone (SIGHUP): stopping the server matters more than the line."""
-    try:
-        print(line, flush=True)
-    except OSError:
-        pass
+    """A progress line; logging never raises when the terminal is gone (SIGHUP): stopping the server
+    matters more than the line."""
+    log.info(line)
 
 
 def _interrupt(signum, frame):
@@ -153,39 +158,39 @@ def serve(cmd: list[str], *, host: str, port: int, timeout: float, what: str, ba
     if not _port_free(port, host):
         raise UserError(f"port {port} on {host} is in use: pick another with --port N (--port)")
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="segpipe-mlflow-", suffix=".log", delete=False)
+    server_log = tempfile.NamedTemporaryFile(prefix="segpipe-mlflow-", suffix=".log", delete=False)
     # SIGTERM (`kill <pid>`) and SIGHUP (the terminal closed) stop the server like Ctrl-C does: the
     # server runs in its own session, so nothing else would stop it
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
             continue  # started under `nohup` (as the cluster launcher does): keep serving after logout
         signal.signal(sig, _interrupt)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, **(env or {})})
     try:
         deadline = time.time() + timeout
         while not _answers(url):
             if proc.poll() is not None or time.time() > deadline:
-                tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-5:]
+                tail = Path(server_log.name).read_text(errors="replace").strip().splitlines()[-5:]
                 why = "exited" if proc.poll() is not None else f"did not answer within {timeout:.0f}s"
-                raise UserError(f"mlflow server {why}; its log ({log.name}) ends with: " + " | ".join(tail)) from None
+                raise UserError(f"mlflow server {why}; its log ({server_log.name}) ends with: " + " | ".join(tail)) from None
             time.sleep(0.3)
-        print(f"{what}: {url}", flush=True)
+        log.info(f"{what}: {url}")
         for line in banner:
-            print(line, flush=True)
-        print(f"  server log {log.name}; server pid {proc.pid}; Ctrl-C to stop", flush=True)
+            log.info(line)
+        log.info(f"  server log {server_log.name}; server pid {proc.pid}; Ctrl-C to stop")
         while proc.poll() is None:
             time.sleep(0.5)
-        raise UserError(f"mlflow server stopped on its own (exit {proc.returncode}); see {log.name}")
+        raise UserError(f"mlflow server stopped on its own (exit {proc.returncode}); see {server_log.name}")
     except KeyboardInterrupt:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the stop short
             signal.signal(sig, signal.SIG_IGN)
         _say(f"stopping the {what} ...")
         stop(proc)
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
+        server_log.close()
+        Path(server_log.name).unlink(missing_ok=True)
         _say("stopped")
         return 0
     finally:
         stop(proc)
-        log.close()
+        server_log.close()

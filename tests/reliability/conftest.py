@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_params
-from pipeline.stages.fetch import fetch
-from pipeline.stages.preprocess import preprocess
+from pipeline.data.sources import fetch
+from pipeline.data.shards import preprocess
 
 TEMP_MARKERS = (".raw-new", ".shards-new", ".raw-old", ".shards-old", ".tmp-", ".lock")
 

@@ -5,7 +5,7 @@ import io
 import tarfile
 
 from pipeline.storage import clean_debris
-from pipeline.data.download import ExtractLimits, safe_extract
+from pipeline.data.archive import ExtractLimits, safe_extract
 from tests.conftest import SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
 from tests.reliability.conftest import no_debris
 

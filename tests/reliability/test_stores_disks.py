@@ -214,8 +214,8 @@ def test_full_data_dir(tmp_path, params_file, stage):
     with mounted("tmpfs", tmp_path / "m", size="6m") as m:
         d = m / "D"
         p = params(params_file, d, "data.source=sample", "data.workers=1")
-        from pipeline.stages.fetch import fetch
-        from pipeline.stages.preprocess import preprocess
+        from pipeline.data.sources import fetch
+        from pipeline.data.shards import preprocess
 
         fetch(p, progress=False)
         preprocess(p, progress=False)
