@@ -15,7 +15,8 @@ the five pools, deepest first, every channel is unpooled with its own indices an
 densifies it and maps it to the next shallower pool's channels (the last one, at full resolution, to
 256). FCN-16s / 8s keep the paper's skips in feature space: a 1x1 conv of pool4 (and pool3) is added
 after the step that reaches its resolution. A 1x1 conv predicts the class scores at full resolution,
-after the densifying convs.
+after the densifying convs. To learn within a few SGD epochs, each densifying conv starts with equal taps
+(``uniform_taps_``) and the score layer reads the last stage at a 10x faster effective rate (``SCORE_GAIN``).
 """
 
 from __future__ import annotations
