@@ -15,13 +15,15 @@ the five pools, deepest first, every channel is unpooled with its own indices an
 densifies it and maps it to the next shallower pool's channels (the last one, at full resolution, to
 256). FCN-16s / 8s keep the paper's skips in feature space: a 1x1 conv of pool4 (and pool3) is added
 after the step that reaches its resolution. A 1x1 conv predicts the class scores at full resolution,
-after the densifying convs.
+after the densifying convs. To learn within a few SGD epochs, each densifying conv starts with equal taps
+(``uniform_taps_``) and the score layer reads the last stage at a 10x faster effective rate (``SCORE_GAIN``).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from ._utils import SegmentationModel, fit, pad_to_multiple
@@ -83,6 +85,10 @@ class FCNVGG(nn.Module):
 
 
 SCORE_CHANNELS = 256  # width of the unpool decoder's last (full-resolution) stage
+# initial BN scale of the last stage's features, with the score weights divided by it (same initial
+# logits): the score layer then moves the logits SCORE_GAIN**2 = 10x faster (DeepLab trains its
+# classifier at 10x lr), as fast as FCN's score layers do, whose coarse scores every upsampled pixel shares
+SCORE_GAIN = 10 ** 0.5
 
 
 class UnpoolDecoder(nn.Module):
@@ -99,6 +105,9 @@ class UnpoolDecoder(nn.Module):
         self.stages = nn.ModuleList(UnpoolStage(c[level - 1], out) for level, out in zip(range(5, 0, -1), outs))
         self.skip = nn.ModuleDict({p: nn.Conv2d(channels[p], channels[p], 1) for p in skips})
         self.score = nn.Conv2d(SCORE_CHANNELS, num_classes, 1)
+        with torch.no_grad():
+            self.stages[-1].conv[1].weight.fill_(SCORE_GAIN)
+            self.score.weight.div_(SCORE_GAIN)
 
     def forward(self, features: dict) -> Tensor:
         x = self.project(features["fc7"])

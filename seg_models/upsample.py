@@ -57,9 +57,26 @@ class UnpoolStage(nn.Module):
         self.channels = channels
         self.up = Upsample("unpool", channels, 2)
         self.conv = conv_bn_relu(channels, out_channels)
+        uniform_taps_(self.conv[0])
 
     def forward(self, x: Tensor, pool: Pool) -> Tensor:
         return self.conv(self.up(x, pool.size, [pool]))
+
+
+def uniform_taps_(conv: nn.Conv2d) -> nn.Conv2d:
+    """Give every spatial tap of ``conv`` the same (out, in) weight (its default-initialised centre tap).
+
+    This is the densifying conv's init after an unpool, the counterpart of the bilinear init of
+    ``transposed``: an unpooled value then reaches the output the same way wherever in its 2x2 window
+    its max was, so at init a stage is a 1x1 conv of the coarse map spread over the window (a smoothed
+    nearest upsampling) and the taps learn from there how to use the positions the indices give. With
+    independent random taps, each channel of each 2x2 block lands on a tap picked by its own index: the
+    full-resolution features are position noise that the score layer cannot learn from in a short run
+    (quickstart FCN-8s: background only after 3 epochs, even at 10x the decoder's learning rate)."""
+    with torch.no_grad():
+        k = conv.weight.shape[-2:]
+        conv.weight.copy_(conv.weight[:, :, k[0] // 2: k[0] // 2 + 1, k[1] // 2: k[1] // 2 + 1].expand_as(conv.weight))
+    return conv
 
 
 def bilinear_kernel(channels: int, scale: int) -> Tensor:
