@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.storage import REPO
 
 
 def pick_device(choice: str, knob: str = "device"):
@@ -51,6 +50,10 @@ def device_name(device) -> str:
 
 def git_commit(short: bool = False) -> str:
     """The checkout's commit ("unknown" outside a git checkout)."""
+    # storage.REPO imported here, not at the top: storage pulls pyarrow, and benchmarks/gpu_bench.py
+    # (torch + pyyaml only) uses machine_info()
+    from pipeline.storage import REPO
+
     cmd = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO)
@@ -113,8 +116,12 @@ def ray_init(address: str = "", *, num_cpus: int | None = None, temp_dir: str | 
     if temp_dir is not None:
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(temp_dir)
+    from pipeline.storage import REPO
+
+    # this checkout first, then the driver's own PYTHONPATH: the workers import what the driver imports
+    pythonpath = os.pathsep.join([str(REPO), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
     ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}}, **kwargs)
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_USAGE_STATS_ENABLED": "0"}}, **kwargs)
     return True
 
 

@@ -346,17 +346,3 @@ def eval_transform(size: int, normalize: bool = True) -> PairCompose:
     normalize=False: uint8 image and mask, as train_transform."""
     return PairCompose(FitInside(size), PadTo(size), _Finish(normalize))
 
-
-def ray_dataset(data_dir: str | Path, split: str):
-    """A Ray Data dataset over one split's shards (rows: id, image bytes, mask bytes, ...).
-    Ray splits it across Train workers (e.g. `ray.train.get_dataset_shard`)."""
-    import ray.data
-
-    return ray.data.read_parquet([str(p) for p in list_shards(data_dir, split)])
-
-
-def decode_batch(batch: dict) -> dict:
-    """Ray Data map_batches function: bytes -> uint8 image/mask tensors (lists: sizes differ)."""
-    batch["image_tensor"] = [decode_image(b).numpy() for b in batch["image"]]
-    batch["mask_tensor"] = [decode_mask(b).numpy() for b in batch["mask"]]
-    return batch
