@@ -50,13 +50,11 @@ def device_name(device) -> str:
 
 def git_commit(short: bool = False) -> str:
     """The checkout's commit ("unknown" outside a git checkout)."""
-    # storage.REPO imported here, not at the top: storage pulls pyarrow, and benchmarks/gpu_bench.py
-    # (torch + pyyaml only) uses machine_info()
-    from pipeline.storage import REPO
-
     cmd = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO)
+        # git finds the checkout from this file's folder (not storage.REPO: storage pulls pyarrow, and
+        # benchmarks/gpu_bench.py, torch + pyyaml only, calls machine_info())
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
