@@ -6,8 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks.common import Scratch, goal, median, report
 from benchmarks.data import make_shards, make_voc, start_local_ray
 from pipeline.training.setup import build_loaders
