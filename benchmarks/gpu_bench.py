@@ -7,10 +7,12 @@ beside torchvision's own model of the same architecture in the same loop.
     python benchmarks/gpu_bench.py --compile          # + torch.compile rows, while --budget-s lasts
     segpipe bench gpu [--compile]                     # the same through the CLI (also rewrites bench.md)
 
-It needs a CUDA GPU and only torch and torchvision (pyarrow/pandas are not even imported): the
-step is pipeline.engine.train_epoch, the one `segpipe train` runs (SGD + poly LR, cross-entropy with
-ignore 255 + 0.5 x aux loss, autocast, a loss sync per step), the models come from seg_models;
-neither imports Ray, MLflow, DVC or the params schema. The batch is random data already on the GPU,
+It needs a CUDA GPU and only torch, torchvision and pyyaml (pyarrow/pandas are not even imported):
+the families, batch, crop and step settings are params.yaml's (read as YAML, not through the params
+schema), the set-up is pipeline.training.setup.build and the step pipeline.training.engine.train_epoch,
+the ones `segpipe train` runs (SGD + poly LR, cross-entropy with ignore 255 + aux loss, autocast, a
+loss sync per step), the models and their torchvision twins come from seg_models' registry; none of
+it imports Ray, MLflow or DVC. The batch is random data already on the GPU,
 so the figures are the model step's alone (the loader's are `segpipe bench loader`'s).
 
 Writes <out>/gpu.json (default reports/bench) after every row, so a run cut short keeps what it
@@ -27,41 +29,53 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "benchmarks":
+    sys.path.pop(0)  # run as a script: benchmarks/ itself must not shadow top-level modules (common, data, ...)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
-from pipeline.training import engine  # noqa: E402  (imports torch only)
-from pipeline.stages.bench import goal, machine_info, report, write_json  # noqa: E402  (stdlib only)
-from seg_models import build_model  # noqa: E402  (torch + torchvision only)
+from benchmarks.common import goal, machine_info, report, write_json  # noqa: E402  (stdlib + pipeline.system)
+from pipeline.training import engine  # noqa: E402  (torch only)
+from pipeline.training.setup import build  # noqa: E402  (torch + seg_models only)
+from seg_models import FAMILIES, build_model, model_info  # noqa: E402  (torch + torchvision only)
 
-# The families of params.yaml (the full recipe) without their backbone_weights (initial weights do not
-# change the speed, and a bare GPU machine has not fetched them); tests/test_bench.py checks they agree.
-RECIPE = {
-    "fcn": ("fcn8s_vgg16", {"upsample": "transposed"}),
-    "deeplabv3": ("deeplabv3_resnet50", {"atrous_rates": [6, 12, 18], "atrous_rates_at": 16, "output_stride": 8,
-                                         "aux_loss": True}),  # (12, 24, 36) at OS 8
-    "lraspp": ("lraspp_mobilenet_v3_large", {}),
-    "unet": ("unet_resnet50", {"upsample": "bilinear"}),
-}
-# (family, our model, its options, torchvision's identical builder or None, its kwargs), in the order
-# they run; torch.compile rows follow the same order while the budget lasts.
-ROWS = [
-    ("deeplabv3", *RECIPE["deeplabv3"], "deeplabv3_resnet50", {"aux_loss": True}),
-    ("lraspp", *RECIPE["lraspp"], "lraspp_mobilenet_v3_large", {}),
-    ("fcn", "fcn_resnet50", {"aux_loss": True}, "fcn_resnet50", {"aux_loss": True}),
-    ("deeplabv3", "deeplabv3_mobilenet_v3_large", {"aux_loss": True}, "deeplabv3_mobilenet_v3_large", {"aux_loss": True}),
-    ("fcn", *RECIPE["fcn"], None, None),
-    ("unet", *RECIPE["unet"], None, None),
-]
+PARAMS = ROOT / "params.yaml"
+
+
+def recipe(params_path: Path = PARAMS) -> tuple[dict, dict]:
+    """(families, train) of params.yaml (the full recipe): family -> (model, options) without
+    backbone_weights (initial weights do not change the speed, and a bare GPU machine has not
+    fetched them), and the train block (lr, momentum, batch_size, crop_size, ...)."""
+    p = yaml.safe_load(Path(params_path).read_text())
+    families = {f: (v["model"], {k: o for k, o in (v.get("options") or {}).items() if k != "backbone_weights"})
+                for f, v in p["families"].items()}
+    return families, p.get("train", {})
+
+
+def plan_rows(families: dict) -> list[tuple]:
+    """(family, our model, its options, torchvision's identical builder or None, its kwargs), in the
+    order they run: the recipe's models torchvision has too, then the torchvision-identical siblings
+    of each family (seg_models' registry), then the recipe's models without a torchvision twin."""
+    aux = lambda m: {"aux_loss": True} if "aux_loss" in model_info(m)["options"] else {}
+    paired, siblings, alone = [], [], []
+    for fam, (model, opts) in families.items():
+        twins = FAMILIES[fam].torchvision_identical
+        if model in twins:
+            paired.append((fam, model, opts, model, {"aux_loss": True} if opts.get("aux_loss") else {}))
+        else:
+            alone.append((fam, model, opts, None, None))
+        siblings += [(fam, m, aux(m), m, aux(m)) for m in twins if m != model]
+    return paired + siblings + alone
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="reports/bench", help="gpu.json goes here (default reports/bench)")
-    ap.add_argument("--batch-size", type=int, default=None, help="per step (default 8, the recipe's)")
-    ap.add_argument("--crop", type=int, default=None, help="square crop (default 513, the recipe's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="per step (default params.yaml's train.batch_size)")
+    ap.add_argument("--crop", type=int, default=None, help="square crop (default params.yaml's train.crop_size)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per model (default 20)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; compile happens here)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds, ours and torchvision alternating (default 3)")
@@ -75,8 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (2 x 64px, 2 steps): checks that it runs")
     ap.add_argument("--no-md", action="store_true", help="do not rewrite bench.md beside --out")
     args = ap.parse_args(argv)
-    args.batch_size = args.batch_size or (2 if args.quick else 8)
-    args.crop = args.crop or (64 if args.quick else 513)
+    _, train = recipe()
+    args.batch_size = args.batch_size or (2 if args.quick else train.get("batch_size", 8))
+    args.crop = args.crop or (64 if args.quick else train.get("crop_size", 513))
     args.steps = args.steps or (2 if args.quick else 20)
     args.warmup = args.warmup or (1 if args.quick else 5)
     args.rounds = 1 if args.quick else max(1, args.rounds)
@@ -90,24 +105,19 @@ def _tv_model(name: str, kwargs: dict):
 
 
 class Runner:
-    """One model's training step (pipeline.engine.train_epoch) on a fixed random batch on the device."""
+    """One model's training step (pipeline.training.engine.train_epoch) on a fixed random batch on the device."""
 
     def __init__(self, model: torch.nn.Module, args, device: torch.device, compiled: bool):
         self.args, self.device = args, device
-        amp = None if args.amp == "off" else (torch.bfloat16 if args.amp == "bf16" else torch.float16)
         cl = not args.no_channels_last
         self.base = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # what others hold
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        model = model.to(device)
-        if cl:
-            model = model.to(memory_format=torch.channels_last)
         self.params = sum(p.numel() for p in model.parameters())
-        self.model = torch.compile(model) if compiled else model
-        self.opts = engine.StepOptions(device=device, amp_dtype=amp, aux_weight=0.5, channels_last=cl)
-        self.optimizer = engine.make_optimizer(model, 0.01, 0.9, 1e-4)
-        self.scheduler = engine.poly_schedule(self.optimizer, 10**6)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        _, train = recipe()
+        cfg = {**train, "amp": args.amp, "channels_last": cl, "bn_momentum": None, "epochs": 1, "warmup_epochs": 0}
+        # the set-up `segpipe train` builds (optimizer groups, poly LR, scaler, AMP, channels_last)
+        self.setup = build(cfg, device, 10**6, model=model, wrap=torch.compile if compiled else None)
         gen = torch.Generator(device=device).manual_seed(0)
         self.x = torch.randn(args.batch_size, 3, args.crop, args.crop, device=device, generator=gen)
         if cl:
@@ -116,8 +126,8 @@ class Runner:
         self.y[:, : args.crop // 16] = 255  # some void, as real masks have
 
     def steps(self, n: int) -> dict:
-        return engine.train_epoch(self.model, [(self.x, self.y)] * n, self.optimizer, self.scheduler, self.scaler,
-                                  self.opts, 1)
+        s = self.setup
+        return engine.train_epoch(s.model, [(self.x, self.y)] * n, s.optimizer, s.scheduler, s.scaler, s.opts, 1)
 
     def warm_up(self) -> dict:
         """The untimed steps (torch.compile compiles here, cuDNN picks its algorithms); the peak memory
@@ -148,12 +158,13 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rows_spec = ROWS
+    families, _ = recipe()
+    rows_spec = all_rows = plan_rows(families)
     if args.models:
         want = args.models.split(",")
-        rows_spec = [r for r in ROWS if r[1] in want]
+        rows_spec = [r for r in all_rows if r[1] in want]
         if not rows_spec:
-            sys.exit(f"error: --models names none of {', '.join(r[1] for r in ROWS)}")
+            sys.exit(f"error: --models names none of {', '.join(r[1] for r in all_rows)}")
     started = time.perf_counter()
     results, notes = [], []
     settings = {"batch_size": args.batch_size, "crop": args.crop, "steps": args.steps, "warmup": args.warmup,
@@ -221,15 +232,16 @@ def main(argv=None) -> dict:
                      t.get("img_per_s", t.get("error", "-")[:40]) if t else "-", round(ratio, 3) if ratio else "-",
                      o.get("peak_mem_gib", "-"), t.get("peak_mem_gib", "-") if t else "-", o.get("warmup_s", "-")])
     goals = [goal("gpu: worst ours / torchvision (ms per training step)", max(ratios), 1.05, False)] if ratios else []
-    notes.insert(0, f"pipeline.engine.train_epoch (SGD, poly LR, CE + 0.5 aux, autocast {args.amp}, "
+    notes.insert(0, f"pipeline.training.engine.train_epoch (SGD, poly LR, CE + 0.5 aux, autocast {args.amp}, "
                     f"channels_last {'off' if args.no_channels_last else 'on'}), batch {args.batch_size} at "
                     f"{args.crop}x{args.crop}, random data on the GPU; {args.warmup} warm-up steps, then {args.rounds} "
                     f"rounds of {args.steps} timed steps with ours and torchvision's model alternating; img/s is the "
                     "median round, ours / tv the median of the rounds' ratios. Peak memory = "
                     "torch.cuda.max_memory_allocated of that model alone (since it was built, minus what the other "
                     "held). The warm-up column includes cuDNN autotuning and torch.compile's compilation.")
-    notes.append("The recipe's models: " + ", ".join(f"{f} = {m} {o}" for f, (m, o) in RECIPE.items())
-                 + "; fcn_resnet50 and deeplabv3_mobilenet_v3_large are the torchvision-identical siblings.")
+    notes.append("The recipe's models (params.yaml families): " + ", ".join(f"{f} = {m} {o}" for f, (m, o) in families.items())
+                 + "; " + ", ".join(r[1] for r in all_rows if r[1] not in {m for m, _ in families.values()})
+                 + " are the torchvision-identical siblings (seg_models registry).")
     return report(args.name, out, columns, rows, goals, settings, notes, extra={"results": results},
                   command="python benchmarks/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   md=not args.no_md)

@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.storage import REPO
 
 
 def pick_device(choice: str, knob: str = "device"):
@@ -53,7 +52,9 @@ def git_commit(short: bool = False) -> str:
     """The checkout's commit ("unknown" outside a git checkout)."""
     cmd = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO)
+        # git finds the checkout from this file's folder (not storage.REPO: storage pulls pyarrow, and
+        # benchmarks/gpu_bench.py, torch + pyyaml only, calls machine_info())
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -113,8 +114,12 @@ def ray_init(address: str = "", *, num_cpus: int | None = None, temp_dir: str | 
     if temp_dir is not None:
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(temp_dir)
+    from pipeline.storage import REPO
+
+    # this checkout first, then the driver's own PYTHONPATH: the workers import what the driver imports
+    pythonpath = os.pathsep.join([str(REPO), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
     ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}}, **kwargs)
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_USAGE_STATS_ENABLED": "0"}}, **kwargs)
     return True
 
 

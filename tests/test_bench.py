@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import ROOT, assert_user_error, run_cli
 
-FORBIDDEN = {"ray", "mlflow", "dvc", "pydantic", "yaml", "pyarrow", "pandas"}
+FORBIDDEN = {"ray", "mlflow", "dvc", "pydantic", "pyarrow", "pandas"}  # gpu_bench: torch + pyyaml
 
 
 def _result(out, what: str) -> dict:
@@ -115,18 +115,25 @@ def test_gpu_bench_needs_only_torch(tmp_path):
     assert not (out.parent / "bench.md").exists()  # --no-md
 
 
-def test_gpu_bench_recipe_is_params_yaml_families():
-    import importlib.util
+def test_gpu_bench_rows_follow_params_yaml(tmp_path):
+    """gpu_bench keeps no copy of the recipe: its rows are params.yaml's families (backbone weights
+    dropped), paired with torchvision's twin where seg_models' registry names one."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gpu_bench
 
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    families = yaml.safe_load((ROOT / "params.yaml").read_text())["families"]
-    speed = lambda o: {k: v for k, v in (o or {}).items() if k != "backbone_weights"}  # init weights: same speed
-    assert {f: (v["model"], speed(v.get("options"))) for f, v in families.items()} == \
-        {f: (m, dict(o)) for f, (m, o) in mod.RECIPE.items()}
-    p = mod.parse_args([])
-    assert (p.batch_size, p.crop, p.amp) == (8, 513, "bf16")  # the recipe's batch and crop
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"batch_size": 3}, "families": {
+        "lraspp": {"model": "lraspp_mobilenet_v3_large", "options": {"backbone_weights": "w.pth"}},
+        "unet": {"model": "unet", "options": {"base_channels": 8}}}}))
+    families, train = gpu_bench.recipe(params)
+    assert families == {"lraspp": ("lraspp_mobilenet_v3_large", {}), "unet": ("unet", {"base_channels": 8})}
+    assert train == {"batch_size": 3}
+    assert gpu_bench.plan_rows(families) == [
+        ("lraspp", "lraspp_mobilenet_v3_large", {}, "lraspp_mobilenet_v3_large", {}),
+        ("unet", "unet", {"base_channels": 8}, None, None)]
+    committed, _ = gpu_bench.recipe()
+    assert {f: m for f, (m, _) in committed.items()} == {
+        f: v["model"] for f, v in yaml.safe_load((ROOT / "params.yaml").read_text())["families"].items()}
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -148,7 +155,8 @@ def test_bad_bench_input_is_one_error_line(args, needle, tmp_path):
 
 def test_committed_results_render(tmp_path):
     """reports/bench/*.json (the committed results) parse, and reports/bench.md is what they render to."""
-    from pipeline.stages.bench import write_markdown
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import write_markdown
 
     out = ROOT / "reports" / "bench"
     files = sorted(out.glob("*.json"))

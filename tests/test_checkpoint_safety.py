@@ -67,7 +67,7 @@ def test_predict_still_loads_a_real_checkpoint(tmp_path):
     """The safe loader reads what segpipe itself writes (model, options, epoch, run id, eval size)."""
     import torch
 
-    from pipeline.stages.train import load_checkpoint_model
+    from pipeline.training.checkpoint import load_checkpoint_model
     from seg_models import build_model
 
     model = build_model("unet", num_classes=21, base_channels=8)
@@ -102,7 +102,7 @@ def test_a_non_torch_file_is_not_called_malicious(tmp_path):
     from PIL import Image
 
     from pipeline.errors import UserError
-    from pipeline.stages.train import load_state
+    from pipeline.training.checkpoint import load_state
 
     Image.new("RGB", (8, 8)).save(tmp_path / "x.jpg")
     with pytest.raises(UserError, match="is not a segpipe checkpoint") as exc:

@@ -379,11 +379,9 @@ def test_two_hosts_spread_training_with_an_authenticated_server(netns, synthetic
         assert peer.stdout.strip() == "401", peer.stdout + peer.stderr  # the peer reaches it, and must log in
 
         # the job: 2 workers, SPREAD, logging to the server by its address with credentials
-        pids = tmp_path / "pids"
-        pids.mkdir()
         env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
         env["env_vars"].update({"MLFLOW_TRACKING_URI": murl, "MLFLOW_TRACKING_USERNAME": "admin",
-                                "MLFLOW_TRACKING_PASSWORD": PASSWORD, "SEGPIPE_PID_DIR": str(pids)})
+                                "MLFLOW_TRACKING_PASSWORD": PASSWORD})
         runtime_env = tmp_path / "runtime_env.yaml"
         runtime_env.write_text(yaml.safe_dump(env))
         work = tmp_path / "work"
@@ -394,9 +392,12 @@ def test_two_hosts_spread_training_with_an_authenticated_server(netns, synthetic
         assert status == "SUCCEEDED", logs[-4000:]
         assert "[unet] done: val mIoU" in logs
 
-        # one worker per node
-        nodes = {f.read_text() for f in pids.iterdir() if f.name.startswith("worker-")}
-        assert nodes == {NS_HOST, NS_PEER}, nodes
+        # one worker per node: the nodes of the job's Ray Train worker actors, as Ray's state API knows them
+        node_ips = {n.node_id: n.node_ip for n in ray.util.state.list_nodes(address=ray_address)}
+        workers = ray.util.state.list_actors(address=ray_address, filters=[("class_name", "=", "RayTrainWorker")],
+                                             limit=1000)
+        nodes = {node_ips[a.node_id] for a in workers}
+        assert len(workers) == 2 and nodes == {NS_HOST, NS_PEER}, (nodes, workers)
         # checkpoints on the storage path both hosts share
         assert list((work / "ray").rglob("checkpoint_*/state.pt"))
         # runs and artifacts, read back through the server with credentials

@@ -36,7 +36,7 @@ def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float =
     tree, the Ray it started included, is stopped by PID before the test fails."""
     from tests.test_cluster import _stop_tree
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), "--family", "unet",
            *sum((["-S", o] for o in args), [])]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -60,17 +60,71 @@ def test_two_workers_with_a_one_image_val_split_finish(one_val_image, tmp_path):
     assert 0.0 <= s["pixel_acc"] <= 1.0  # the one image of rank 0 was evaluated and reduced with rank 1's zeros
 
 
+# Test-side fault injection, put on the workers' PYTHONPATH as sitecustomize.py (product code knows
+# nothing of it): once pipeline.training.engine is imported, the loss on the rank named by
+# SEGPIPE_TEST_NAN_RANK is NaN, and each rank's NonFiniteLoss stop is recorded as
+# $SEGPIPE_TEST_STOPS/nan-<rank>-<epoch>-<step>.
+NAN_HOOK = """
+import importlib.abc, importlib.machinery, os, sys
+from pathlib import Path
+
+
+def _rank():
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else None
+
+
+def _patch(engine):
+    loss_fn, train_epoch = engine.loss_fn, engine.train_epoch
+
+    def nan_loss(outputs, target, aux_weight):
+        loss = loss_fn(outputs, target, aux_weight)
+        return loss * float("nan") if str(_rank()) == os.environ["SEGPIPE_TEST_NAN_RANK"] else loss
+
+    def recorded_epoch(*args, **kwargs):
+        try:
+            return train_epoch(*args, **kwargs)
+        except engine.NonFiniteLoss as exc:
+            Path(os.environ["SEGPIPE_TEST_STOPS"], f"nan-{_rank()}-{exc.epoch}-{exc.step}").touch()
+            raise
+
+    engine.loss_fn, engine.train_epoch = nan_loss, recorded_epoch
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "pipeline.training.engine":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("SEGPIPE_TEST_NAN_RANK"):
+    sys.meta_path.insert(0, _Finder())
+"""
+
+
 def test_nan_on_one_rank_stops_every_rank_at_the_same_step(synthetic_shards, tmp_path):
-    pids = tmp_path / "pids"
-    pids.mkdir()
+    stops, hook = tmp_path / "stops", tmp_path / "hook"
+    stops.mkdir()
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(NAN_HOOK)
     proc = _train(tiny_overrides(synthetic_shards, tmp_path) + ["train.sample_images=0", "train.max_failures=0"], tmp_path,
-                  env={"SEGPIPE_FAULT_NAN_RANK": "1", "SEGPIPE_PID_DIR": str(pids)}, timeout=300)
+                  env={"PYTHONPATH": f"{ROOT}{os.pathsep}{hook}", "SEGPIPE_TEST_NAN_RANK": "1",
+                       "SEGPIPE_TEST_STOPS": str(stops)}, timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "loss became NaN at epoch 1 step 0" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    stops = sorted(f.name for f in pids.iterdir() if f.name.startswith("nan-"))
-    assert stops == ["nan-0-1-0", "nan-1-1-0"], stops  # rank 0 (finite loss) stopped at the same step
+    assert sorted(f.name for f in stops.iterdir()) == ["nan-0-1-0", "nan-1-1-0"]  # rank 0 (finite loss) stopped too
 
 
 def test_collective_helper_at_world_size_one():

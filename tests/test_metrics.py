@@ -88,7 +88,7 @@ def test_two_ray_workers_equal_one_process(ray_local, synthetic_shards):
     from pipeline.training import engine
     from pipeline.data.loaders import ShardDataset
     from pipeline.data.transforms import eval_transform
-    from pipeline.stages.train import build_loaders
+    from pipeline.training.setup import build_loaders
     from seg_models import build_model
 
     cfg = {"data_dir": str(synthetic_shards), "crop_size": 64, "eval_size": 64, "scale_min": 1.0, "scale_max": 1.0,

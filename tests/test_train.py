@@ -40,7 +40,7 @@ def tiny_overrides(data_dir: Path, work: Path, epochs: int = 1) -> list[str]:
 def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.stages.train import train
+    from pipeline.training.job import train
     from pipeline.data.voc import VOC_CLASSES
 
     p = load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path))
@@ -81,7 +81,7 @@ def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, t
 
 
 def test_fixed_seed_gives_identical_metrics(ray_local, synthetic_shards, tmp_path):
-    from pipeline.stages.train import train
+    from pipeline.training.job import train
 
     runs = []
     for i in range(2):
@@ -95,7 +95,7 @@ def test_fixed_seed_gives_identical_metrics(ray_local, synthetic_shards, tmp_pat
 def test_nan_loss_stops_the_run(ray_local, synthetic_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.stages.train import TrainingFailed, train
+    from pipeline.training.job import TrainingFailed, train
 
     p = load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path) + ["train.lr=1e30", "train.max_failures=0"])
     with pytest.raises(TrainingFailed, match=r"loss became NaN at epoch 1 step \d+"):
@@ -120,26 +120,45 @@ def test_bad_params_never_start_ray(tmp_path, synthetic_shards):
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def train_worker_pids(proc: subprocess.Popen) -> set[int]:
+    """The Ray Train worker processes (actor RayTrainWorker) under a `segpipe train` process: its
+    local Ray (raylet and the workers it starts) runs below it."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return set()
+    pids = set()
+    for child in tree:
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
 def test_killed_worker_is_restored_without_gap_or_repeat(synthetic_shards, tmp_path):
     """SIGKILL one Ray Train worker mid-run: FailureConfig restarts the group from the last
     checkpoint; every epoch is logged exactly once and the run FINISHES."""
     from mlflow.tracking import MlflowClient
 
-    pid_dir = tmp_path / "pids"
-    pid_dir.mkdir()
     epochs = 4
     args = sum((["-S", o] for o in tiny_overrides(synthetic_shards, tmp_path, epochs=epochs)
                 + ["train.max_failures=2", "train.sample_images=0"]), [])
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SEGPIPE_PID_DIR=str(pid_dir), RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    log = tmp_path / "train.log"  # a file, not a pipe: nobody reads while the test polls
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), "--family", "unet",
-                             *args], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *args], cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+    seen: set[int] = set()  # every Ray Train worker process the run had
     try:
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         run_id, victim = None, None
         deadline = time.time() + 240
         while time.time() < deadline and victim is None:
             time.sleep(0.5)
+            seen |= train_worker_pids(proc)
             if run_id is None and (tmp_path / "mlflow.db").exists():
                 try:
                     exp = client.get_experiment_by_name("segpipe")
@@ -148,17 +167,21 @@ def test_killed_worker_is_restored_without_gap_or_repeat(synthetic_shards, tmp_p
                 except Exception:
                     continue
             if run_id and len(client.get_metric_history(run_id, "val/mIoU")) >= 1:
-                pids = [int(f.name.split("-")[2]) for f in pid_dir.iterdir() if f.name.startswith("worker-1-")]
-                if pids:
-                    victim = pids[0]
+                alive = sorted(train_worker_pids(proc))
+                if alive:
+                    victim = alive[-1]
                     os.kill(victim, signal.SIGKILL)
         assert victim is not None, "the run never reached its first epoch"
-        out, _ = proc.communicate(timeout=400)
+        while proc.poll() is None and time.time() < deadline + 400:  # the restarted group's workers
+            seen |= train_worker_pids(proc)
+            time.sleep(0.5)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+    out = log.read_text()
     assert proc.returncode == 0, out
-    assert len([f for f in pid_dir.iterdir() if f.name.startswith("worker-1-")]) >= 2, "no worker was restarted"
+    assert len(seen - {victim}) >= 2, f"no worker was restarted: {seen}"  # 2 workers: a third process replaced the victim
     steps = [m.step for m in client.get_metric_history(run_id, "val/mIoU")]
     assert steps == list(range(1, epochs + 1)), steps
     assert client.get_run(run_id).info.status == "FINISHED"

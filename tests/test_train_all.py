@@ -29,7 +29,7 @@ def overrides(data_dir, work, seeds=(0, 1), epochs=1, extra_family_train=None):
 def test_all_runs_overlap_and_match_the_sequential_runs(ray_local, synthetic_shards, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.stages.train import train, train_all
+    from pipeline.training.job import train, train_all
 
     import time
 

@@ -160,7 +160,7 @@ def test_reports_best_params_and_apply(tuned):
     p = load_params(out / "best_params.yaml")
     assert p.families["unet"].model == "unet" and p.families["unet"].options == best["options"]
     assert p.train.epochs == 1 and not p.tune.resume  # the training schedule, not the trials'
-    from pipeline.stages.train import resolve_job
+    from pipeline.training.job import resolve_job
 
     assert resolve_job(p, "unet").options["upsample"] == best["options"]["upsample"]
     # --apply refuses a params file whose family trains another model than the tune did (unet_resnet50)
@@ -186,7 +186,7 @@ def test_apply_then_train_trains_the_tuned_config(tuned):
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import apply_overrides, read_yaml
-    from pipeline.stages.train import train
+    from pipeline.training.job import train
 
     work = tuned["work"]
     best = json.loads((work / "reports" / "tune" / "unet" / "best_config.json").read_text())

@@ -33,7 +33,7 @@ DECODE_FACTOR = 8  # non-JPEG images decode in full: at most this many times the
 
 def _load_checkpoint_model(path):
     # the checkpoint format is train's (torch.load weights_only=True inside: data never runs code)
-    from pipeline.stages.train import load_checkpoint_model  # lazy: train pulls in the training layer
+    from pipeline.training.checkpoint import load_checkpoint_model
 
     return load_checkpoint_model(path)
 

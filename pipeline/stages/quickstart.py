@@ -86,7 +86,7 @@ def override_value(v) -> str:
 def run(_params, args) -> int:
     overrides = profile_overrides(args.profile) + list(args.overrides)
     p = load_params(args.params, overrides)  # bad overrides fail here, before DVC runs anything
-    from pipeline.stages.train import check_model
+    from pipeline.training.job import check_model
 
     for name, fam in p.families.items():  # backbone weight files come later, from DVC's weights stage
         check_model(fam.model, {k: v for k, v in fam.options.items() if k != "backbone_weights"},

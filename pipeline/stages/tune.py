@@ -21,8 +21,8 @@ tune (Ctrl-C exits 130); --apply merges the best config into params.yaml without
 # The whole space is checked before any trial starts: unknown entries and values that do not build
 # (every choice is built on the meta device) are `error: ...`, exit 2.
 #
-# Each trial is a function trainable that builds the TorchTrainer of `segpipe train` (pipeline.stages.train:
-# resolve_job / fit / train_loop_per_worker, no second loop) and forwards its per-epoch reports to
+# Each trial is a function trainable that builds the TorchTrainer of `segpipe train` (pipeline.training.job:
+# resolve_job / fit / worker.train_loop_per_worker, no second loop) and forwards its per-epoch reports to
 # Tune with TuneReportCallback; ASHA stops the weak trials on `val/mIoU` (time attribute: epoch).
 # MLflow: one parent run per family and tune (stage=tune) and one nested child run per trial
 # (stage=tune-trial, tag mlflow.parentRunId) with the trial's params and per-epoch metrics (logged by
@@ -64,7 +64,7 @@ def run(p: Params, args) -> int:
         return 0
     from pipeline import tracking
     from pipeline.data.loaders import verify_shards
-    from pipeline.stages.train import check_data  # TRAINING layer: moves to pipeline.training
+    from pipeline.training.job import check_data
     from pipeline.tuning.runner import check_resources, tune_family
     from pipeline.tuning.space import resolve_space
 

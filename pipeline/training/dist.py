@@ -20,8 +20,12 @@ from __future__ import annotations
 import os
 import tempfile
 
+import psutil
+import ray
 import torch
 import torch.distributed as dist
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _TorchBackend
 
 
 def ensure_process_group() -> None:
@@ -59,9 +63,6 @@ def _pin_gloo_interface() -> str | None:
     told to connect to 127.0.0.1 and fails ("Gloo connectFullMesh failed ... remote=[127.0.0.1]").
     Pin it to the interface that holds this worker's Ray node address (the address the nodes
     already reach each other by). A GLOO_SOCKET_IFNAME set by the user wins."""
-    import psutil
-    import ray
-
     if os.environ.get("GLOO_SOCKET_IFNAME"):
         return os.environ["GLOO_SOCKET_IFNAME"]
     ip = ray.util.get_node_ip_address()
@@ -75,9 +76,6 @@ def _pin_gloo_interface() -> str | None:
 def torch_config(backend: str):
     """Ray's TorchConfig(backend=...) whose set-up first pins gloo to the Ray node's interface
     (a no-op for NCCL, which picks its interfaces itself; NCCL_SOCKET_IFNAME when it must not)."""
-    from ray.train.torch import TorchConfig
-    from ray.train.torch.config import _TorchBackend
-
     class _Backend(_TorchBackend):
         def on_start(self, worker_group, backend_config):
             worker_group.execute(_pin_gloo_interface)

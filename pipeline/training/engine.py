@@ -116,7 +116,7 @@ def _to_device(images, targets, opts: StepOptions):
 
 
 def train_epoch(model, loader, optimizer, scheduler, scaler, opts: StepOptions, epoch: int,
-                max_steps: int | None = None, any_rank=None) -> dict[str, float]:
+                any_rank=None) -> dict[str, float]:
     """One pass over `loader`. Returns mean loss, images/s, last lr and the image count.
 
     any_rank: `flag -> bool`, true on every rank when the flag is true on one (pipeline.dist.any_rank
@@ -127,8 +127,6 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, opts: StepOptions, 
     total_loss, n_images, n_steps = 0.0, 0, 0
     start = time.perf_counter()
     for step, (images, targets) in enumerate(loader):
-        if max_steps is not None and step >= max_steps:
-            break
         images, targets = _to_device(images, targets, opts)
         with _autocast(opts):
             outputs = model(images)

@@ -24,7 +24,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from pipeline import storage, system, tracking
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.stages.train import fit, make_epoch_callback, resolve_job  # TRAINING layer: moves to pipeline.training
+from pipeline.training.job import fit, resolve_job
+from pipeline.training.progress import make_epoch_callback
 from pipeline.tracking import tune as tune_runs
 from pipeline.tuning import results
 from pipeline.tuning.results import trial_number
@@ -50,7 +51,7 @@ class TuneFailed(UserError):
 
 
 def run_trial(config: dict, ctx: dict) -> None:
-    """The function trainable: one TorchTrainer run of pipeline.stages.train, reported to Tune."""
+    """The function trainable: one TorchTrainer run of pipeline.training.job.fit, reported to Tune."""
     space: Space = ctx["space"]
     values = decode(space, config)
     p = trial_params(ctx["params"], space, values)

@@ -23,7 +23,7 @@ from ray import tune
 from pipeline.config import FamilyParams, Params, TrainParams, family_params
 from pipeline.data.loaders import load_manifest
 from pipeline.errors import UserError
-from pipeline.stages.train import check_model  # TRAINING layer: moves to pipeline.training.setup
+from pipeline.training.job import check_model
 from seg_models import FAMILIES, list_models, model_info
 from seg_models.registry import Family
 

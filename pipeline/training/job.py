@@ -1,0 +1,307 @@
+"""A training run on the driver: resolve and check the job (bad input never starts Ray), open its
+MLflow run, fit the TorchTrainer, then write the outputs and log them.
+
+`train()` is one run (`segpipe train`, and each run of `train --all`); `fit()` builds and runs the
+TorchTrainer (also used by every Ray Tune trial and by `segpipe bench ray`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import storage, system, tracking
+from pipeline.config import Params, family_params
+from pipeline.data.loaders import load_manifest, verify_shards
+from pipeline.data.voc import NUM_CLASSES
+from pipeline.errors import UserError
+from pipeline.reporting.figures import confusion_png, prediction_grid
+from pipeline.tracking import train as track
+from pipeline.training import dist as collective
+from pipeline.training import outputs
+from pipeline.training.checkpoint import check_resume_checkpoints, load_checkpoint_model, save_model_file
+from pipeline.training.progress import ProgressPrinter, make_epoch_callback
+from pipeline.training.worker import WORKER_ERROR, train_loop_per_worker
+from seg_models import build_model, list_models, model_info
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(UserError):
+    """The run started but failed (e.g. NaN loss): `error: ...`, exit 1."""
+
+    exit_code = 1
+
+
+@dataclass
+class Job:
+    """Everything a training run needs, resolved and validated on the driver."""
+
+    family: str
+    model: str
+    options: dict
+    params: Params
+    tracking_uri: str
+    run_id: str = ""
+    storage_path: str = ""
+    ray_name: str = ""
+    extra_config: dict = field(default_factory=dict)
+    label: str = ""  # progress-line prefix (train --all: <family>/seed<N>); default the family
+
+
+def resolve_job(p: Params, family: str | None) -> Job:
+    """Pick the model for `family` (or train.model) and check it builds with its options."""
+    if family:
+        if family not in p.families:
+            raise UserError(f"unknown family {family!r}: params.yaml families has {sorted(p.families)} (--family)")
+        p = family_params(p, family)  # families.<family>.train over the shared train block
+        model, options = p.families[family].model, dict(p.families[family].options)
+        options.update(p.train.model_options)
+    else:
+        model, options = p.train.model, dict(p.train.model_options)
+    check_model(model, options, where=f"families.{family}.model" if family else "train.model")
+    fam = family or model_info(model)["family"]
+    return Job(family=fam, model=model, options=options, params=p,
+               tracking_uri=tracking.resolve_tracking_uri(p.mlflow.tracking_uri))
+
+
+def check_model(model: str, options: dict, where: str = "train.model") -> None:
+    """Build on the meta device: instant, and every bad name / option surfaces before Ray starts."""
+    if model not in list_models():
+        raise UserError(f"unknown model {model!r}; `segpipe models` lists {', '.join(list_models())} ({where})")
+    try:
+        with torch.device("meta"):
+            build_model(model, num_classes=NUM_CLASSES, **options)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{model}: {exc} (model options)") from None
+
+
+def check_data(p: Params) -> dict:
+    manifest = load_manifest(p.data.dir)
+    for split in ("train", "val"):
+        if manifest["splits"].get(split, {}).get("count", 0) == 0:
+            raise UserError(f"no {split} images in {p.data.dir}/shards: re-run `segpipe preprocess` (data.dir)")
+    return manifest
+
+
+def preflight(p: Params) -> None:
+    """Once before Ray: the shards exist, the store answers and is writable, the shards match their manifest."""
+    check_data(p)
+    tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
+    if p.data.verify_shards:
+        verify_shards(p.data.dir)  # every shard against manifest.json, before Ray
+
+
+def worker_config(job: Job) -> dict:
+    p, t = job.params, job.params.train
+    return {
+        "model": job.model, "options": job.options, "seed": p.seed, "data_dir": storage.resolve(p.data.dir),
+        "epochs": t.epochs, "batch_size": t.batch_size, "crop_size": t.crop_size, "eval_size": t.eval_size,
+        "scale_min": t.scale_min, "scale_max": t.scale_max, "lr": t.lr, "momentum": t.momentum,
+        "weight_decay": t.weight_decay, "warmup_epochs": t.warmup_epochs, "poly_power": t.poly_power,
+        "aux_weight": t.aux_weight, "aux_lr_mult": t.aux_lr_mult, "bn_momentum": t.bn_momentum, "amp": t.amp,
+        "channels_last": t.channels_last, "grad_clip": t.grad_clip, "eval_every": t.eval_every,
+        "loader_workers": t.loader_workers, "threads": max(1, int(p.ray.cpus_per_worker)),
+        **job.extra_config,
+    }
+
+
+def ray_init(p: Params) -> bool:
+    """Ray for this command: ray.address / RAY_ADDRESS, else a local one (system.ray_init)."""
+    return system.ray_init(p.ray.address)
+
+
+def use_gpu(p: Params) -> bool:
+    return system.ray_has_gpu() if p.ray.use_gpu == "auto" else bool(p.ray.use_gpu)
+
+
+def ray_run_name(job: Job, storage_path: str) -> str:
+    """resume: the latest run of this family/model/seed under storage; else a new timestamped one."""
+    prefix = f"{job.family}-{job.model}-seed{job.params.seed}"
+    if job.params.train.resume:
+        runs = [d for d in storage.list_dirs(storage_path) if d.startswith(prefix + "-")]
+        if runs:
+            return runs[-1]
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def fit(job: Job, callbacks: list | None = None):
+    """Build and run the TorchTrainer for `job` (used by train and by every tune trial)."""
+    p = job.params
+    gpu = use_gpu(p)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_config(job),
+        torch_config=collective.torch_config("nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=p.ray.num_workers, use_gpu=gpu, placement_strategy=p.ray.placement_strategy,
+                                     resources_per_worker={"CPU": p.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+        run_config=RunConfig(name=job.ray_name, storage_path=job.storage_path,
+                             failure_config=FailureConfig(max_failures=p.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=callbacks or []),
+    )
+    return trainer.fit()
+
+
+def _worker_failure(exc: Exception) -> UserError | None:
+    """Ray wraps worker errors: ours become one `error:` line (bad input exit 2, NaN loss exit 1)."""
+    text = str(exc)
+    if WORKER_ERROR in text:
+        return UserError(re.search(re.escape(WORKER_ERROR) + r"(.*)", text).group(1).strip())
+    if "loss became NaN" in text:
+        m = re.search(r"loss became NaN at epoch \d+ step \d+", text)
+        return TrainingFailed(m.group(0) if m else "loss became NaN")
+    return None
+
+
+def train(p: Params, family: str | None = None, progress: bool = True, *, label: str = "",
+          checked: bool = False) -> dict:
+    """One run. `label` prefixes its progress lines (default the family); `checked`: train_all
+    already checked the data, the store and the shards once for every run."""
+    job = resolve_job(p, family)
+    job.label = label
+    p = job.params  # with the family's own train block merged
+    if not checked:
+        preflight(p)
+    job.storage_path = storage.resolve(p.ray.storage_path)  # local/shared path or s3://, gs://
+    job.ray_name = ray_run_name(job, job.storage_path)
+    if p.train.resume:
+        check_resume_checkpoints(job.storage_path, job.ray_name)
+    job.run_id = track.open_run(job)
+    log.info(f"[{job.label or job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}")
+    started = time.time()
+    status = "FAILED"
+    try:
+        ray_init(p)
+        try:
+            with ProgressPrinter() as queue:
+                result = fit(job, callbacks=[make_epoch_callback(job, queue)])
+        except Exception as exc:
+            failure = _worker_failure(exc)
+            if failure is None:
+                raise
+            raise failure from None
+        summary = finish(job, result, time.time() - started)
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(job.tracking_uri, job.run_id, status)
+
+
+def finish(job: Job, result, seconds: float) -> dict:
+    """Once fit() returned: the model file and metrics files (DVC outputs), then the run's artifacts."""
+    p = job.params
+    final = dict(result.metrics or {})
+    cm = final.pop("val/confusion_matrix", None)
+    with result.checkpoint.as_directory() as d:
+        model, state = load_checkpoint_model(Path(d) / "state.pt")
+    stem = outputs.output_stem(job.family, p.seed)
+    out_model = save_model_file(Path(p.train.models_dir) / f"{stem}.pt", model_name=job.model, options=job.options,
+                                state=state, run_id=job.run_id, eval_size=p.train.eval_size)
+    history = track.metric_history(job.tracking_uri, job.run_id)
+    summary = outputs.summarize(job, final, history, seconds)
+    epochs_csv = outputs.write_metrics(Path(p.train.reports_dir) / "metrics", stem, summary, history)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if cm is not None:
+            confusion_png(cm, tmp / "confusion_matrix.png", title=f"{job.family} ({job.model}) val confusion matrix")
+            outputs.write_confusion_csv(cm, tmp / "confusion_matrix.csv")
+        if p.train.sample_images:
+            prediction_grid(model, p.data.dir, p.train.eval_size, p.train.sample_images, tmp / "predictions.png",
+                            title=f"{job.family} ({job.model}): image | truth | prediction")
+        files = sorted(f for f in tmp.iterdir() if not f.name.startswith("."))
+        track.log_outputs(job.tracking_uri, job.run_id, [*files, epochs_csv], out_model, model, p.train.eval_size)
+    return summary
+
+
+# ------------------------------------------------------------------------------ train --all
+
+
+@dataclass
+class RunOutcome:
+    family: str
+    seed: int
+    summary: dict | None = None
+    error: str = ""
+    exit_code: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/seed{self.seed}"
+
+
+def _check_all(p: Params) -> str:
+    """train --all: bad input stops everything before Ray and before any MLflow run: every family
+    builds, the data and the store answer, the shards match their manifest (once, not per run)."""
+    if not p.families or not p.seeds:
+        raise UserError("params.yaml has no families to train (families; train --all)")
+    for fam in p.families:
+        resolve_job(p, fam)
+    preflight(p)
+    uri = tracking.resolve_tracking_uri(p.mlflow.tracking_uri)
+    tracking.experiment_id(tracking.client(uri), p.mlflow.experiment)  # created once, not raced by the runs
+    return uri
+
+
+def _run_one(p: Params, o: RunOutcome, progress: bool) -> None:
+    """One run of train --all in its driver thread; its failure is recorded, never raised."""
+    try:
+        o.summary = train(p.model_copy(update={"seed": o.seed}), o.family, progress, label=o.name, checked=True)
+        log.info(f"[{o.name}] done: val mIoU {o.summary.get('mIoU', float('nan')):.3f}, "
+                 f"pixel acc {o.summary.get('pixel_acc', float('nan')):.3f} in {o.summary['train_seconds']:.0f}s "
+                 f"(MLflow run {o.summary['mlflow_run_id']})")
+    except UserError as exc:
+        o.error, o.exit_code = str(exc), exc.exit_code
+    except Exception as exc:  # unexpected: named, the other runs go on
+        o.error, o.exit_code = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}", 1
+    if o.error:
+        log.info(f"[{o.name}] failed: {o.error}")
+
+
+def train_all(p: Params, progress: bool = True) -> list[RunOutcome]:
+    """Every family x seed of `p` at once, each run the `train()` of the one-by-one path (its own
+    TorchTrainer, MLflow run and DVC outputs) in its own driver thread.
+
+    Threads on the driver, not Ray tasks: TorchTrainer.fit() from a non-main thread is what Ray
+    Train V2 supports (Ray Tune runs trainers that way); its controller is a 0-CPU actor, so what
+    runs at once is decided by Ray's scheduler from each run's placement group (ray.num_workers x
+    {CPU: ray.cpus_per_worker, GPU: 1 on GPUs}); a run whose group does not fit yet waits (Train V2
+    retries its worker-group start) and starts when another finishes. The driver writes the DVC
+    outputs (models/, reports/metrics/) where the one-by-one path writes them, on the driver's
+    machine. Everything is checked before Ray starts; a failing run is reported with its name and
+    the others finish. Returns one RunOutcome per run in params order."""
+    uri = _check_all(p)
+    ray_init(p)
+    log.info(f"training {len(p.families) * len(p.seeds)} runs at once ({len(p.families)} families x seeds {p.seeds}), "
+             f"each {p.ray.num_workers} worker(s) x {p.ray.cpus_per_worker} CPU")
+    outcomes = [RunOutcome(fam, seed) for fam in p.families for seed in p.seeds]
+    # fluent MLflow calls (model logging) set the process-wide tracking URI: hold it on the
+    # store for the whole batch, so one run's restore never points another at a different store
+    with tracking.fluent_uri(uri):
+        threads = [threading.Thread(target=_run_one, args=(p, o, progress), name=f"train-{o.name}", daemon=True)
+                   for o in outcomes]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.5)
+        except KeyboardInterrupt:
+            ray.shutdown()  # ends every run's controller and workers (they belong to this driver)
+            for t in threads:
+                t.join(timeout=30)
+            raise
+    return outcomes
