@@ -1,30 +1,42 @@
-"""`segpipe bench <what>`: speed benchmarks that print a table and the ratio against a baseline
-measured in the same run, and write <out>/<what>.json (machine info included) and <out>/../bench.md.
+"""Speed benchmarks (loader, preprocess, model, ray, pipeline, gpu) as ratios to a baseline.
 
-  loader      decode + train-augmentation images/s of the loader `segpipe train` builds (Parquet
-              shards, fused uint8 augmentation) vs torchvision.datasets.VOCSegmentation over the
-              same JPEG/PNG files with the same augmentation (torchvision.transforms.v2, step by step)
-              and the same DataLoader workers; also our shards with the step-by-step transform (the
-              loader before this benchmark) and the Ray Data path. Images are synthetic VOC-like
-              500x375 JPEGs.
-  preprocess  `segpipe preprocess` images/s with 1 process vs all cores, and the peak RSS at two
-              set sizes (it must stay flat as the set grows).
-  model       forward+backward and inference ms/batch of our models vs torchvision's identical
-              ones (same weights), channels_last off/on, torch.compile off/on (--compile).
-  ray         img/s of the Ray Train loop (pipeline.training.job.fit) vs a plain single-process loop
-              (the same pipeline.training.setup) on the same data and model; 1 vs 2 workers.
-  pipeline    wall-clock of each DVC stage of the quickstart (2 epochs unless --full) in a scratch
-              copy of the repo, then of a no-op `dvc repro`.
-  gpu         benchmarks/gpu_bench.py: pure-torch training of each family at the full recipe's crop
-              and batch, AMP + channels_last (+ --compile), beside torchvision's model (CUDA GPU).
-  verify      the shard check before train/tune vs one loader pass over the same shards.
-  md          only rewrite <out>/../bench.md from the <what>.json files in <out>.
-
-The benchmarks live in benchmarks/ of the checkout, not in the installed package: this module holds
-the flags and hands over to benchmarks.runner (`error:` when there is no checkout).
-Timings on a shared machine are noisy: every ratio compares runs interleaved in the same process,
-and medians are reported. Nothing here asserts a speed; the goals are printed as met / not met.
+Each benchmark times ours against a baseline in the same run, prints a table and the ratio, and
+writes <out>/<what>.json (with machine info) and bench.md beside <out> (default reports/bench).
+loader: our shard loader vs torchvision VOCSegmentation (same images, augmentation, workers) and Ray
+Data; preprocess: 1 vs all cores, peak RSS at two sizes; model: ours vs torchvision's identical
+models (channels_last, --compile); ray: Ray Train loop vs a plain loop, 1 vs 2 workers; pipeline:
+each DVC stage of the quickstart and a no-op dvc repro; gpu: benchmarks/gpu_bench.py (pure torch,
+CUDA). Defaults take under ~2 minutes each on CPU (pipeline: the whole quickstart with 2 epochs);
+--quick only checks that it runs.
 """
+
+# How it works (developer notes):
+# `segpipe bench <what>`: speed benchmarks that print a table and the ratio against a baseline
+# measured in the same run, and write <out>/<what>.json (machine info included) and <out>/../bench.md.
+#
+#   loader      decode + train-augmentation images/s of the loader `segpipe train` builds (Parquet
+#               shards, fused uint8 augmentation) vs torchvision.datasets.VOCSegmentation over the
+#               same JPEG/PNG files with the same augmentation (torchvision.transforms.v2, step by step)
+#               and the same DataLoader workers; also our shards with the step-by-step transform (the
+#               loader before this benchmark) and the Ray Data path. Images are synthetic VOC-like
+#               500x375 JPEGs.
+#   preprocess  `segpipe preprocess` images/s with 1 process vs all cores, and the peak RSS at two
+#               set sizes (it must stay flat as the set grows).
+#   model       forward+backward and inference ms/batch of our models vs torchvision's identical
+#               ones (same weights), channels_last off/on, torch.compile off/on (--compile).
+#   ray         img/s of the Ray Train loop (pipeline.training.job.fit) vs a plain single-process loop
+#               (the same pipeline.training.setup) on the same data and model; 1 vs 2 workers.
+#   pipeline    wall-clock of each DVC stage of the quickstart (2 epochs unless --full) in a scratch
+#               copy of the repo, then of a no-op `dvc repro`.
+#   gpu         benchmarks/gpu_bench.py: pure-torch training of each family at the full recipe's crop
+#               and batch, AMP + channels_last (+ --compile), beside torchvision's model (CUDA GPU).
+#   verify      the shard check before train/tune vs one loader pass over the same shards.
+#   md          only rewrite <out>/../bench.md from the <what>.json files in <out>.
+#
+# The benchmarks live in benchmarks/ of the checkout, not in the installed package: this module holds
+# the flags and hands over to benchmarks.runner (`error:` when there is no checkout).
+# Timings on a shared machine are noisy: every ratio compares runs interleaved in the same process,
+# and medians are reported. Nothing here asserts a speed; the goals are printed as met / not met.
 
 from __future__ import annotations
 

@@ -1,18 +1,31 @@
-"""`segpipe train`: Ray Train (TorchTrainer) data-parallel training of one family, tracked in MLflow.
+"""Train one family with Ray Train (DDP), tracked in MLflow.
 
-The driver validates everything first (bad params never start Ray), creates the MLflow run and
-hands its id to Ray. Each worker reads a disjoint part of the shards and runs the training step of
-pipeline.training.engine; the confusion matrix is all-reduced before any metric is computed. Rank 0
-checkpoints every epoch (model, optimizer, scheduler, scaler, epoch) through Ray Train; a
-controller callback logs each reported epoch to MLflow and prints one progress line, so the
-metric history follows the checkpoints (a restarted worker group never logs an epoch twice).
-At the end the driver logs the confusion matrix, a prediction grid and the model, and writes the
-DVC outputs: <models_dir>/<family>-seed<N>.pt, <reports_dir>/metrics/<family>-seed<N>.json and
-<family>-seed<N>_epochs.csv.
-
-The work lives in pipeline.training (setup, worker, checkpoint, job, progress, outputs) and
-pipeline.tracking.train; this module holds the flags and the command's result lines.
+Trains families.<--family> (or train.model) on <data.dir>/shards with ray.num_workers Ray Train
+workers (gloo on CPU, NCCL on GPUs); starts a local Ray unless ray.address / RAY_ADDRESS names a
+cluster. Evaluates every train.eval_every epochs (confusion matrix all-reduced over workers),
+checkpoints every epoch under ray.storage_path (train.resume continues the latest run), logs params,
+per-epoch metrics, per-class IoU, confusion matrix, prediction grid and the model to MLflow, and
+writes <models_dir>/<family>-seed<N>.pt and <reports_dir>/metrics/<family>-seed<N>.json (--seed N
+overrides `seed`; DVC's train matrix runs every family x seeds). --all trains every family x seed at
+once on the Ray cluster, each its own TorchTrainer packed by Ray's resources, with the same runs and
+outputs (progress lines prefixed family/seedN; a failed run is named, the others finish).
 """
+
+# How it works (developer notes):
+# `segpipe train`: Ray Train (TorchTrainer) data-parallel training of one family, tracked in MLflow.
+#
+# The driver validates everything first (bad params never start Ray), creates the MLflow run and
+# hands its id to Ray. Each worker reads a disjoint part of the shards and runs the training step of
+# pipeline.training.engine; the confusion matrix is all-reduced before any metric is computed. Rank 0
+# checkpoints every epoch (model, optimizer, scheduler, scaler, epoch) through Ray Train; a
+# controller callback logs each reported epoch to MLflow and prints one progress line, so the
+# metric history follows the checkpoints (a restarted worker group never logs an epoch twice).
+# At the end the driver logs the confusion matrix, a prediction grid and the model, and writes the
+# DVC outputs: <models_dir>/<family>-seed<N>.pt, <reports_dir>/metrics/<family>-seed<N>.json and
+# <family>-seed<N>_epochs.csv.
+#
+# The work lives in pipeline.training (setup, worker, checkpoint, job, progress, outputs) and
+# pipeline.tracking.train; this module holds the flags and the command's result lines.
 
 from __future__ import annotations
 
