@@ -29,3 +29,12 @@ test: $(STAMP)
 
 clean-data:
 	rm -rf data/raw data/shards data/.raw-new data/.shards-new
+
+# the suite's three folders (make test runs them all): unit < 1 min, no Ray / MLflow server
+.PHONY: test-unit test-integration test-cluster
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15 tests/integration
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15 tests/cluster

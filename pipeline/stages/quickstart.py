@@ -29,6 +29,9 @@ PROFILES = REPO / "profiles"
 def add_arguments(parser) -> None:
     parser.add_argument("--profile", default="quickstart", help="profile name in profiles/ (default quickstart)")
     parser.add_argument("--dry-run", action="store_true", help="print the dvc command and stop")
+    parser.add_argument("--ray-per-stage", action="store_true",
+                        help="let every stage start its own local Ray (the old path; default: one local Ray "
+                             "for the whole run, which every stage and tune trial joins)")
 
 
 def _profile(name: str) -> dict:
@@ -97,8 +100,7 @@ def run(_params, args) -> int:
         print(" ".join(cmd))
         return 0
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    if subprocess.run(cmd, env=env).returncode != 0:
-        raise UserError("`dvc exp run` failed (see its output above)")
+    run_dvc(cmd, env, shared_ray=not args.ray_per_stage and not (p.ray.address or os.environ.get("RAY_ADDRESS")))
     from pipeline.data.loaders import load_manifest
 
     manifest = load_manifest(p.data.dir)
@@ -106,6 +108,21 @@ def run(_params, args) -> int:
     log.info(f"\nquickstart done: {manifest['source']} data, {counts} images in {Path(p.data.dir) / 'shards'}")
     print(summary_table(p))
     return 0
+
+
+def run_dvc(cmd: list[str], env: dict, shared_ray: bool) -> None:
+    """Run `dvc exp run`; with shared_ray, inside one local Ray that every stage joins (a cluster named
+    by ray.address / RAY_ADDRESS is used as it is)."""
+    if not shared_ray:
+        if subprocess.run(cmd, env=env).returncode != 0:
+            raise UserError("`dvc exp run` failed (see its output above)")
+        return
+    from pipeline.system import shared_local_ray
+
+    with shared_local_ray() as ray_env:
+        log.info(f"one local Ray for every stage: {ray_env['RAY_ADDRESS']} (--ray-per-stage: one per stage)")
+        if subprocess.run(cmd, env={**env, **ray_env}).returncode != 0:
+            raise UserError("`dvc exp run` failed (see its output above)")
 
 
 def summary_table(p) -> str:

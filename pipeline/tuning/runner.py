@@ -159,14 +159,14 @@ def check_resources(p: Params) -> None:
     need = p.tune.trainable_cpus + p.tune.num_workers * p.tune.cpus_per_worker
     if ray.is_initialized():
         have = ray.cluster_resources().get("CPU", 0.0)
-    elif not (p.ray.address or os.environ.get("RAY_ADDRESS")):
+    elif system.ray_is_local(p.ray.address):
         have = float(os.cpu_count() or 1)  # what a local ray.init() gets
     else:
         return
     if need > have + 1e-9:
         msg = (f"a trial needs {need:g} CPUs (tune.trainable_cpus + tune.num_workers x tune.cpus_per_worker) but "
                f"Ray has {have:g}: lower tune.num_workers or tune.cpus_per_worker")
-        if p.ray.address or os.environ.get("RAY_ADDRESS"):
+        if not system.ray_is_local(p.ray.address):
             print(f"warning: {msg} (waiting for the cluster to grow)", file=sys.stderr, flush=True)
         else:
             raise UserError(f"{msg} (tune.cpus_per_worker)")
@@ -262,7 +262,7 @@ def tune_family(p: Params, space: Space) -> dict:
         "mlflow": p.mlflow.model_copy(update={"tracking_uri": uri}),
     })
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our lines only
-    if not (p.ray.address or os.environ.get("RAY_ADDRESS")):
+    if system.ray_is_local(p.ray.address):
         # one machine cannot be preempted: one process less per trial (the setting travels to
         # every trial's TorchTrainer with Train's propagated variables)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

@@ -10,7 +10,7 @@ from pipeline.config import load_params
 from pipeline.errors import UserError
 from pipeline.data.weights import fetch_weights
 from tests.conftest import ROOT
-from tests.test_download import FileServer  # noqa: F401  (the same local server)
+from tests.unit.test_download import FileServer  # noqa: F401  (the same local server)
 
 PAYLOAD = b"not really a state dict, but hashed like one" * 1000
 PREFIX = hashlib.sha256(PAYLOAD).hexdigest()[:8]

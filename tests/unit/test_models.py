@@ -80,27 +80,6 @@ def _cases():
     yield pytest.param("deeplabv3_mobilenet_v3_large", {"aux_loss": True}, id="deeplabv3_mobilenet-aux")
 
 
-@pytest.mark.parametrize("name, options", list(_cases()))
-def test_odd_size_output_gradients_and_one_sgd_step(name, options):
-    model = build_model(name, num_classes=5, **options).train()
-    x = torch.randn(2, 3, *ODD)
-    target = torch.randint(0, 5, (2, *ODD))
-    target[:, :5] = 255  # void rows are ignored
-    out = model(x)
-    assert out["out"].shape == (2, 5, *ODD)
-    assert ("aux" in out) == options.get("aux_loss", False)
-    loss = sum(F.cross_entropy(v, target, ignore_index=255) for v in out.values())
-    assert torch.isfinite(loss)
-    loss.backward()
-    first = _first_conv(model)
-    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    before = first.weight.detach().clone()
-    torch.optim.SGD(model.parameters(), lr=0.01).step()
-    assert not torch.equal(before, first.weight)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
 def test_fcn_skip_scores_are_fused_by_addition():
     assert [len(_meta(f"fcn{s}s_vgg16").score_pool) for s in (32, 16, 8)] == [0, 1, 2]
     model = build_model("fcn8s_vgg16", num_classes=3).eval()
@@ -238,26 +217,6 @@ def _train_miou(upsample: str, steps: int = 120, sgd: bool = False) -> tuple[flo
     return sum(losses[:5]) / 5, sum(losses[-5:]) / 5, float(iou.mean())
 
 
-def test_fcn_unpool_learns_like_bilinear_on_toy_scenes():
-    """The unpool decoder learns: its loss falls well below ln 3 and it segments held-out toy scenes
-    (the old score-map unpooling left 63/64 of the pixels at uniform logits, loss stuck near ln 3)."""
-    first, last, miou = _train_miou("unpool")
-    _, _, bilinear = _train_miou("bilinear")
-    assert last < 0.5 * first and last < 0.5
-    assert miou > 0.5 and miou >= 0.8 * bilinear, (miou, bilinear)
-
-
-def test_fcn_unpool_learns_early_under_sgd():
-    """Under the pipeline's SGD (momentum 0.9, lr 0.02) the unpool decoder segments after 40 steps about
-    as well as bilinear FCN-8s. Adam hides the failure this guards: per-parameter step normalisation
-    makes any score layer move fast, while under SGD the old decoder (independent random 3x3 taps after
-    each unpool, score layer at unit feature scale) still predicted background only when ASHA judged
-    the quickstart tune (toy scenes: 0.27 mIoU vs bilinear's 0.68; now 0.72)."""
-    _, _, miou = _train_miou("unpool", steps=40, sgd=True)
-    _, _, bilinear = _train_miou("bilinear", steps=40, sgd=True)
-    assert miou > 0.5 and miou >= 0.8 * bilinear, (miou, bilinear)
-
-
 def test_unpool_stage_starts_with_uniform_taps():
     """Each densifying conv starts with one weight per (out, in) pair on all 9 taps, so an unpooled value
     reaches the output the same way wherever its max was (``uniform_taps_``); training then makes the
@@ -299,7 +258,7 @@ def test_atrous_rates_at_output_stride_16_are_doubled_at_8():
     assert effective_atrous_rates("deeplabv3_mobilenet_v3_large", atrous_rates=[3, 6, 9], atrous_rates_at=16) == (3, 6, 9)
     assert effective_atrous_rates("fcn8s_vgg16") is None
     # the committed family: torchvision's (12, 24, 36) at OS 8, and (6, 12, 18) once output_stride is overridden to 16
-    options = yaml.safe_load((pathlib.Path(__file__).parents[1] / "params.yaml").read_text())["families"]["deeplabv3"]["options"]
+    options = yaml.safe_load((pathlib.Path(__file__).parents[2] / "params.yaml").read_text())["families"]["deeplabv3"]["options"]
     options = {k: v for k, v in options.items() if k != "backbone_weights"}
     assert effective_atrous_rates("deeplabv3_resnet50", **options) == (12, 24, 36)
     assert _aspp_dilations(_meta("deeplabv3_resnet50", **{**options, "output_stride": 16})) == [6, 12, 18]
@@ -358,21 +317,6 @@ TORCHVISION = [
 ] + [pytest.param("lraspp_mobilenet_v3_large", None, id="lraspp_mobilenet_v3_large")]
 
 
-@pytest.mark.parametrize("name, aux", TORCHVISION)
-def test_matches_torchvision(name, aux):
-    kwargs = {} if aux is None else {"aux_loss": aux}
-    ref = getattr(tvs, name)(weights=None, weights_backbone=None, num_classes=21, **kwargs).eval()
-    ours = build_model(name, num_classes=21, **kwargs).eval()
-    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(1, 3, 67, 93)
-    with torch.no_grad():
-        expected, got = ref(x), ours(x)
-    assert list(got) == list(expected) == (["out", "aux"] if aux else ["out"])
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=0)
-
-
 # --------------------------------------------------------------------------- backbone weights
 @pytest.fixture(scope="module")
 def resnet50_file(tmp_path_factory):
@@ -389,19 +333,6 @@ def test_backbone_weights_load_resnet(resnet50_file):
     assert torch.equal(model.backbone.bn1.running_var, state["bn1.running_var"])
     unet = build_model("unet_resnet50", backbone_weights=path)
     assert torch.equal(unet.encoder.conv1.weight, state["conv1.weight"])
-
-
-def test_backbone_weights_load_vgg_and_mobilenet(tmp_path):
-    vgg = tvm.vgg16(weights=None).state_dict()
-    torch.save(vgg, tmp_path / "vgg.pth")
-    fcn = build_model("fcn8s_vgg16", backbone_weights=tmp_path / "vgg.pth")
-    assert torch.equal(fcn.backbone.features[28].weight, vgg["features.28.weight"])
-    assert torch.equal(fcn.backbone.fc[0].weight.flatten(1), vgg["classifier.0.weight"])  # fc6 as a 7x7 conv
-    assert torch.equal(fcn.backbone.fc[3].weight.flatten(1), vgg["classifier.3.weight"])
-    mobilenet = tvm.mobilenet_v3_large(weights=None).state_dict()
-    torch.save(mobilenet, tmp_path / "mnv3.pth")
-    lraspp = build_model("lraspp_mobilenet_v3_large", backbone_weights=str(tmp_path / "mnv3.pth"))
-    assert torch.equal(lraspp.backbone["16"][0].weight, mobilenet["features.16.0.weight"])
 
 
 def test_backbone_weights_sha_prefix_and_mismatches(resnet50_file, tmp_path):

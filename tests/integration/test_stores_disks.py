@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_user_error, run_cli, tree_snapshot
-from tests.reliability.conftest import free_port, mounted, no_debris, params
+from tests.conftest import free_port, mounted, no_debris, params
 
 
 def _train(params_file, d, uri, *extra):

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import load_params
 from tests.conftest import ROOT, assert_user_error, run_cli
-from tests.test_train import TINY, tiny_overrides
+from tests.support import TINY, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -8,33 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_params
+from tests.support import TINY, tiny_overrides
 from tests.conftest import ROOT, assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow
 
-TINY = {  # light members of each family, so CPU tests stay fast
-    "fcn": ("fcn32s_vgg16", {"upsample": "bilinear"}),
-    "deeplabv3": ("deeplabv3_mobilenet_v3_large", {"aux_loss": True}),
-    "lraspp": ("lraspp_mobilenet_v3_large", {}),
-    "unet": ("unet", {"base_channels": 8, "upsample": "transposed"}),
-}
 
 
-def tiny_overrides(data_dir: Path, work: Path, epochs: int = 1) -> list[str]:
-    out = [f"data.dir={data_dir}", "data.source=synthetic", f"train.epochs={epochs}", "train.batch_size=4",
-           "train.crop_size=64", "train.eval_size=64", "train.loader_workers=0", "train.sample_images=2",
-           "train.bn_momentum=0.1", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
-           f"ray.storage_path={work / 'ray'}", f"train.models_dir={work / 'models'}",
-           f"train.reports_dir={work / 'reports'}", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}"]
-    for fam, (model, opts) in TINY.items():
-        out.append(f"families.{fam}.model={model}")
-        out.append(f"families.{fam}.options={json.dumps(opts)}")
-    return out
 
 
 def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, tmp_path):

@@ -7,7 +7,7 @@ import tarfile
 from pipeline.storage import clean_debris
 from pipeline.data.archive import ExtractLimits, safe_extract
 from tests.conftest import SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
-from tests.reliability.conftest import no_debris
+from tests.conftest import no_debris
 
 
 def _bomb(path, size=256 << 20):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +21,7 @@ import yaml
 
 from pipeline.cli import build_parser
 from tests.conftest import ROOT
-from tests.test_train import tiny_overrides
+from tests.support import tiny_overrides, _free_port, _wait_http, _stop_tree, _env, _rest
 
 BIN = Path(sys.executable).parent
 
@@ -73,53 +71,12 @@ def test_cluster_definitions_parse_and_use_real_commands(name):
 # ------------------------------------------------------------------------------ real services
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:  # it answers (e.g. 401 while token auth is on): it is up
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def _stop_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM the process and every descendant, by PID; SIGKILL what is left."""
-    import psutil
-
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=20)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
-def _env() -> dict:
-    # this Ray turns token authentication on by default: the head and every client then need
-    # RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
-                PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token")
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +117,6 @@ def mlflow_server(tmp_path_factory):
         _stop_tree(proc)
 
 
-def _rest(url: str, path: str, body: dict | None = None) -> dict:
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def _submit(ray_head, runtime_env: Path, args: list[str]) -> str:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
-from tests.reliability.conftest import no_debris
+from tests.conftest import no_debris
 
 
 @pytest.mark.parametrize("key", ["train.crop_size", "train.eval_size"])

@@ -25,11 +25,11 @@ import yaml
 
 from pipeline.config import apply_overrides, read_yaml
 from tests.conftest import ROOT, SAMPLE_TAR, assert_user_error, run_cli
-from tests.test_train import tiny_overrides
+from tests.support import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ("lraspp", "unet")  # the two lightest members (see tests/test_train.py TINY)
+FAMILIES = ("lraspp", "unet")  # the two lightest members (see tests/integration/test_train.py TINY)
 SEEDS = (0, 1)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.storage import writer_lock
 from tests.conftest import ROOT, assert_user_error, run_cli, tree_snapshot
-from tests.reliability.conftest import no_debris
+from tests.conftest import no_debris
 
 
 @pytest.mark.parametrize("stage", ["fetch", "preprocess"])

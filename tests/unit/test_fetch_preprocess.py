@@ -15,7 +15,7 @@ from pipeline.config import load_params
 from pipeline.data.loaders import ShardDataset, decode_mask, list_shards
 from pipeline.data.sources import fetch
 from pipeline.data.shards import preprocess
-from tests.conftest import ROOT, SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
+from tests.conftest import SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
 
 
 def _params(params_file, data_dir, *extra):

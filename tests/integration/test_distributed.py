@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_train import tiny_overrides
+from tests.support import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def one_val_image(tmp_path_factory) -> Path:
 def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
     """`segpipe train` in a fresh process; on a hang (the failure these tests look for) its whole
     tree, the Ray it started included, is stopped by PID before the test fails."""
-    from tests.test_cluster import _stop_tree
+    from tests.support import _stop_tree
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), "--family", "unet",

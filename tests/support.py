@@ -1,0 +1,96 @@
+"""Helpers shared by the test folders: tiny model settings for CPU training runs, and the
+process / HTTP helpers the Ray-head and MLflow-server tests use (stopped by PID, never by name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from pathlib import Path
+
+from tests.conftest import ROOT  # noqa: F401  (re-exported for the test modules)
+
+BIN = Path(sys.executable).parent
+
+
+TINY = {  # light members of each family, so CPU tests stay fast
+    "fcn": ("fcn32s_vgg16", {"upsample": "bilinear"}),
+    "deeplabv3": ("deeplabv3_mobilenet_v3_large", {"aux_loss": True}),
+    "lraspp": ("lraspp_mobilenet_v3_large", {}),
+    "unet": ("unet", {"base_channels": 8, "upsample": "transposed"}),
+}
+
+
+def tiny_overrides(data_dir: Path, work: Path, epochs: int = 1) -> list[str]:
+    out = [f"data.dir={data_dir}", "data.source=synthetic", f"train.epochs={epochs}", "train.batch_size=4",
+           "train.crop_size=64", "train.eval_size=64", "train.loader_workers=0", "train.sample_images=2",
+           "train.bn_momentum=0.1", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
+           f"ray.storage_path={work / 'ray'}", f"train.models_dir={work / 'models'}",
+           f"train.reports_dir={work / 'reports'}", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}"]
+    for fam, (model, opts) in TINY.items():
+        out.append(f"families.{fam}.model={model}")
+        out.append(f"families.{fam}.options={json.dumps(opts)}")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:  # it answers (e.g. 401 while token auth is on): it is up
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM the process and every descendant, by PID; SIGKILL what is left."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _env() -> dict:
+    # this Ray turns token authentication on by default: the head and every client then need
+    # RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
+                PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token")
+
+
+def _rest(url: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
