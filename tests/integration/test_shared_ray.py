@@ -1,8 +1,10 @@
 """One local Ray for a whole quickstart (issue 14): `system.shared_local_ray` starts it, the child
 processes it runs (DVC's stages) join it through RAY_ADDRESS instead of starting their own, and it
-is gone when the block ends."""
+is gone when the block ends. The driver runs in its own process (this one may hold the session's Ray)."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -15,26 +17,31 @@ CHILD = ("import ray; from pipeline.system import ray_init, ray_is_local\n"
          "owned = ray_init()\n"
          "print(owned, ray.get_runtime_context().gcs_address, ray_is_local(), flush=True)\n")
 
+DRIVER = f"""
+import json, os, subprocess, sys
+from pipeline.system import shared_local_ray
+with shared_local_ray(num_cpus=1) as env:
+    outs = [subprocess.run([sys.executable, "-c", {CHILD!r}], env=dict(os.environ, **env), capture_output=True,
+                           text=True, timeout=120) for _ in range(2)]
+print("RESULT", json.dumps({{"address": env["RAY_ADDRESS"], "children": [[o.returncode, o.stdout, o.stderr[-800:]] for o in outs]}}))
+"""
+
 
 @pytest.mark.slow
 def test_stages_join_the_one_local_ray_and_it_stops_after():
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("this process already holds a Ray (the session's)")
-    with system.shared_local_ray(num_cpus=1) as env:
-        address = env["RAY_ADDRESS"]
-        child = dict(os.environ, **env, PYTHONPATH=str(ROOT))
-        outs = [subprocess.run([sys.executable, "-c", CHILD], env=child, capture_output=True, text=True, timeout=120)
-                for _ in range(2)]
-        for res in outs:
-            assert res.returncode == 0, res.stderr[-800:]
-            owned, joined, local = res.stdout.split()[-3:]
-            assert (owned, joined, local) == ("False", address, "True")  # joined ours, did not start one
-    assert not ray.is_initialized()
-    gone = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r})"],
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
-    assert gone.returncode != 0  # the head stopped with the block
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", system.SHARED_ENV)}
+    proc = subprocess.run([sys.executable, "-c", DRIVER], env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    res = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    address = res["address"]
+    for rc, out, err in res["children"]:
+        assert rc == 0, err
+        owned, joined, local = out.split()[-3:]
+        assert (owned, joined, local) == ("False", address, "True")  # joined ours, did not start its own
+    host, port = address.rsplit(":", 1)
+    with pytest.raises(OSError):  # the head (its GCS) stopped with the block
+        socket.create_connection((host, int(port)), timeout=5).close()
 
 
 def test_ray_is_local_names_a_cluster_only_when_it_is_one(monkeypatch):
