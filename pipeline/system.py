@@ -150,10 +150,14 @@ def shared_local_ray(num_cpus: int | None = None):
     starting its own Ray (10-20 s each on 2 cores). Stopped (ray.shutdown) when the block ends."""
     import ray
 
+    before = dict(os.environ)
     ray_init(num_cpus=num_cpus, log_to_driver=False)
     try:
         address = ray.get_runtime_context().gcs_address
-        yield {"RAY_ADDRESS": address, SHARED_ENV: address}
+        # what ray.init put in this process's environment for its clients (e.g. the cluster's auth
+        # token when Ray runs with token authentication) goes to the children too
+        added = {k: v for k, v in os.environ.items() if k.startswith("RAY_") and before.get(k) != v}
+        yield {**added, "RAY_ADDRESS": address, SHARED_ENV: address}
     finally:
         ray.shutdown()
 

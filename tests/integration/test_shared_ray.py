@@ -21,7 +21,8 @@ DRIVER = f"""
 import json, os, subprocess, sys
 from pipeline.system import shared_local_ray
 with shared_local_ray(num_cpus=1) as env:
-    outs = [subprocess.run([sys.executable, "-c", {CHILD!r}], env=dict(os.environ, **env), capture_output=True,
+    base = {{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}}  # as quickstart: env taken before Ray
+    outs = [subprocess.run([sys.executable, "-c", {CHILD!r}], env=dict(base, **env), capture_output=True,
                            text=True, timeout=120) for _ in range(2)]
 print("RESULT", json.dumps({{"address": env["RAY_ADDRESS"], "children": [[o.returncode, o.stdout, o.stderr[-800:]] for o in outs]}}))
 """
