@@ -107,6 +107,25 @@ def swap_in(new: Path, dest: Path) -> None:
         shutil.rmtree(old)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Write a file atomically: yields a temporary path beside ``path``; when the block ends without
+    an exception it replaces ``path`` (a reader sees the old file or the new one, never half of one);
+    the temporary file is removed in every case. The one home of segpipe's write-then-rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 # --- the data directory: one writer, debris clean-up ---
 
 LOCK_NAME = ".lock"

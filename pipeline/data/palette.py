@@ -6,11 +6,12 @@ and the palette only decides how it looks in an image viewer.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline import storage
 
 __all__ = ["VOC_PALETTE", "voc_palette", "save_mask_png"]
 
@@ -50,11 +51,6 @@ def save_mask_png(array, path) -> Path:
     path = Path(path)
     img = Image.fromarray(np.ascontiguousarray(arr))  # mode "L"
     img.putpalette(VOC_PALETTE)  # "L" + palette -> mode "P", pixel values unchanged
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with storage.atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import tempfile
 import warnings
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipeline import storage
 from pipeline.config import MAX_SIDE, MAX_SIDE_REASON, Params
 from pipeline.data.palette import save_mask_png
 from pipeline.data.voc import VOC_CLASSES
@@ -149,12 +149,8 @@ def read_image(path: Path, max_pixels: int | None = None):
 
 
 def _save_rgb(arr: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with storage.atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _original_size(path: Path) -> tuple[int, int] | None:
@@ -186,8 +182,6 @@ def _check(p: Params, size: int | None, max_pixels: int | None, device: str, ima
     max_pixels = p.predict.max_pixels if max_pixels is None else max_pixels
     if max_pixels < 4096:
         raise UserError(f"--max-pixels must be >= 4096 (a 64x64 image), got {max_pixels} (--max-pixels)")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("no CUDA device is visible (--device)")
     dev = pick_device(device, "--device")
     files = expand(images)
     if not files:

@@ -107,8 +107,7 @@ def restore_state(s: Setup, state: dict) -> int:
 def save_model_file(path: Path, *, model_name: str, options: dict, state: dict, run_id: str, eval_size: int) -> Path:
     """<models_dir>/<family>-seed<N>.pt, written to a temporary name and renamed (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model_name": model_name, "options": options, "model": state["model"], "epoch": state["epoch"],
-                "mlflow_run_id": run_id, "eval_size": eval_size}, tmp)
-    tmp.replace(path)
+    with storage.atomic_path(path) as tmp:
+        torch.save({"model_name": model_name, "options": options, "model": state["model"], "epoch": state["epoch"],
+                    "mlflow_run_id": run_id, "eval_size": eval_size}, tmp)
     return path

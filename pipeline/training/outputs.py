@@ -14,6 +14,7 @@ import io
 import json
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.data.voc import VOC_CLASSES
 
 EPOCH_COLUMNS = ["epoch", "train/loss", "train/lr", "train/img_per_s", "val/mIoU", "val/pixel_acc", "val/mean_acc",
@@ -28,9 +29,7 @@ def output_stem(family: str, seed: int) -> str:
 
 def write_text_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    storage.write_text_atomic(path, text)
     return path
 
 

@@ -12,13 +12,12 @@ by one that loads (pipeline.config.load_params).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from pipeline import storage
 from pipeline.config import Params, load_params
 from pipeline.errors import UserError
 from pipeline.tuning.results import out_dir
@@ -107,12 +106,7 @@ def _merge_family(entry, fam: str, best: dict, params_path: str) -> list[str]:
 
 def _write_valid(yml: YAML, doc, src: Path) -> None:
     """Replace src by doc, atomically, only when the result loads: never leave an invalid params file."""
-    fd, tmp = tempfile.mkstemp(prefix=".params-", suffix=".yaml", dir=src.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    with storage.atomic_path(src) as tmp:
+        with open(tmp, "w") as f:
             yml.dump(doc, f)
-        load_params(tmp)
-        os.replace(tmp, src)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        load_params(tmp)  # raises on an invalid result: src is left as it was

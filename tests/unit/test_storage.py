@@ -25,3 +25,17 @@ def test_text_and_dirs_roundtrip(tmp_path):
     assert storage.list_dirs(storage.join(base, "runs")) == ["fcn-x-seed0-1", "fcn-x-seed0-2"]
     assert storage.list_dirs(str(tmp_path / "nothing")) == []
     assert storage.resolve("rel") == str((__import__("pathlib").Path("rel")).resolve())
+
+
+def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    try:
+        with storage.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    except RuntimeError:
+        pass
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    storage.write_text_atomic(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
