@@ -58,7 +58,7 @@ def make_shards(voc_root: Path, data_dir: Path, workers: int = 0):
     from pipeline.data.sources import fetch  # the stages' own functions, as `segpipe fetch/preprocess` run them
     from pipeline.data.shards import preprocess
 
-    p = Params(data=DataParams(source=str(voc_root), dir=str(data_dir), workers=workers))
+    p = Params(data=DataParams(source=str(voc_root), dir=str(data_dir), workers=workers, tune_split=0))  # train + val only
     fetch(p, progress=False)
     return preprocess(p, progress=False)
 

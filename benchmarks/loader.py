@@ -21,12 +21,13 @@ class ReferenceTrainTransform:
         import torch
         from torchvision.transforms import v2
 
-        from pipeline.data import loaders as D
+        from pipeline.data import transforms as D
+        from pipeline.training.engine import IMAGENET_MEAN, IMAGENET_STD
 
         self.lo, self.hi = scale_min, scale_max
         self.flip, self.pad, self.crop = v2.RandomHorizontalFlip(), D.PadTo(crop), v2.RandomCrop(crop)
         self.to_float = v2.ToDtype(torch.float32, scale=True)
-        self.norm = v2.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)
+        self.norm = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def __call__(self, image, mask):
         import random

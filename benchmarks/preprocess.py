@@ -104,7 +104,7 @@ def bench_preprocess(args, out: Path) -> dict:
                 (sub / "ImageSets/Segmentation/train.txt").write_text("\n".join(all_ids[:n - n_val]) + "\n")
                 (sub / "ImageSets/Segmentation/val.txt").write_text("\n".join(all_ids[n - n_val:n]) + "\n")
             params = work / f"params{n}-{workers}.yaml"
-            params.write_text(yaml.safe_dump({"data": {"source": str(root), "dir": str(data), "workers": workers}}))
+            params.write_text(yaml.safe_dump({"data": {"source": str(root), "dir": str(data), "workers": workers, "tune_split": 0}}))
             if n not in fetched_sets:  # a VOC dir source: fetch only records where it is
                 fetch(load_params(params), progress=False)
                 fetched_sets.add(n)
