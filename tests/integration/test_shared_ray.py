@@ -20,8 +20,8 @@ CHILD = ("import ray; from pipeline.system import ray_init, ray_is_local\n"
 DRIVER = f"""
 import json, os, subprocess, sys
 from pipeline.system import shared_local_ray
+base = dict(os.environ)  # as quickstart: the stages' env is taken before its Ray starts
 with shared_local_ray(num_cpus=1) as env:
-    base = {{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}}  # as quickstart: env taken before Ray
     outs = [subprocess.run([sys.executable, "-c", {CHILD!r}], env=dict(base, **env), capture_output=True,
                            text=True, timeout=120) for _ in range(2)]
 print("RESULT", json.dumps({{"address": env["RAY_ADDRESS"], "children": [[o.returncode, o.stdout, o.stderr[-800:]] for o in outs]}}))
