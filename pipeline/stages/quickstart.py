@@ -3,6 +3,9 @@
 Hands the overrides of profiles/quickstart.yaml (plus any -S given here) to `dvc exp run -S`, so the
 same dvc.yaml runs on small synthetic data in minutes; DVC records the experiment and applies the
 overrides to params.yaml in the workspace (`git checkout params.yaml` returns to the full recipe).
+One local Ray is started first and every stage and tune trial joins it (a Ray start costs 10-20 s on
+2 cores); --ray-per-stage lets each stage start its own, and ray.address / RAY_ADDRESS use that
+cluster instead.
 """
 
 from __future__ import annotations
