@@ -3,6 +3,7 @@ search every reader uses, the report tag, the UI's compare link and checkpoint a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -124,6 +125,21 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
 
 def end_run(uri: str, run_id: str, status: str) -> None:
     client(uri).set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def ending_run(uri: str, run_id: str, killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,)):
+    """Ends the run however the block ends: FINISHED when it completes, KILLED on ``killed_by``
+    (Ctrl-C), FAILED on anything else; the exception goes on."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except killed_by:
+        status = "KILLED"
+        raise
+    finally:
+        end_run(uri, run_id, status)
 
 
 # A train run logs its <family>-seed<N>.pt (state dict + model name/options) under this artifact

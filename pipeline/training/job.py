@@ -180,8 +180,7 @@ def train(p: Params, family: str | None = None, progress: bool = True, *, label:
     job.run_id = track.open_run(job)
     log.info(f"[{job.label or job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}")
     started = time.time()
-    status = "FAILED"
-    try:
+    with tracking.ending_run(job.tracking_uri, job.run_id):
         ray_init(p)
         try:
             with ProgressPrinter() as queue:
@@ -191,14 +190,7 @@ def train(p: Params, family: str | None = None, progress: bool = True, *, label:
             if failure is None:
                 raise
             raise failure from None
-        summary = finish(job, result, time.time() - started)
-        status = "FINISHED"
-        return summary
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracking.end_run(job.tracking_uri, job.run_id, status)
+        return finish(job, result, time.time() - started)
 
 
 def finish(job: Job, result, seconds: float) -> dict:

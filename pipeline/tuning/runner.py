@@ -273,24 +273,12 @@ def tune_family(p: Params, space: Space) -> dict:
     ctx = {"params": trial_p, "space": space, "parent_run_id": parent_run_id, "name": name,
            "train_storage": f"{root}/{name}-train"}
     started = time.time()
-    status = "FAILED"
-    try:
+    with tracking.ending_run(uri, parent_run_id, killed_by=(KeyboardInterrupt, TuneInterrupted)):
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": p.tune.trainable_cpus})
         _tuner(p, space, trainable, uri, root, name, parent_run_id, resumed).fit()
         # the trials as saved: on Ctrl-C Tune saves the live trials as RUNNING and then stops them
         # (TERMINATED in memory); the saved state is what a resume continues
         trials = tune.ExperimentAnalysis(f"{root}/{name}", default_metric=METRIC, default_mode="max").trials
         rows = results.rows(p, space, trials, uri, parent_run_id)
-        try:
-            _check_ended(p, space, rows, uri, f"{root}/{name}")
-        except TuneInterrupted:
-            status = "KILLED"
-            raise
-        summary = results.finish(p, space, rows, uri, parent_run_id, name, time.time() - started)
-        status = "FINISHED"
-        return summary
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracking.end_run(uri, parent_run_id, status)
+        _check_ended(p, space, rows, uri, f"{root}/{name}")
+        return results.finish(p, space, rows, uri, parent_run_id, name, time.time() - started)

@@ -1,18 +1,8 @@
-"""(cluster: the README's cluster block run against a local Ray head and MLflow server) The README's shell blocks, checked with the real parsers, and its cluster recipe run for real.
-
-Every fenced ```bash / ```sh / ```shell / ```zsh / ```console block of README.md is split into
-commands (line continuations, `&&`, `||`, `;`, `|`, `FOO=bar cmd`, comments, redirections) and
-each command is parsed by the parser of the program it calls: `segpipe` by pipeline/cli.py's
-argparse, its `-S` overrides validated against params.yaml by pipeline.config.load_params; `dvc`
-by DVC's own parser (so `dvc repro -S` fails); `ray job submit` by Ray's click command, its files
-checked and its entrypoint checked as a segpipe command; `make` against the Makefile's targets.
-Every block passes `bash -n` (and `zsh -n` where zsh is installed); a `-S` value holding [ ] { } *
-is quoted.
-
-The slow test runs the blocks the README marks with `<!-- tests/cluster/test_readme_cluster.py runs this block -->`
-(the cluster recipe: data and weights on shared storage, the whole comparison as ONE `ray job
-submit`, the report) against a Ray head and a `segpipe mlflow-server` it starts, with the
-substitutions declared in SUBSTITUTIONS / TINY_SETS below and nothing else.
+"""The README's cluster recipe run as written: the blocks the README marks with
+`<!-- tests/cluster/test_readme_cluster.py runs this block -->` (data and weights on shared storage,
+the whole comparison as ONE `ray job submit`, the report) against a Ray head and a `segpipe
+mlflow-server` this test starts, with only the substitutions declared in tests/unit/test_readme.py
+(SUBSTITUTIONS / TINY_SETS). The parsing of every README command is tests/unit/test_readme.py.
 """
 
 from __future__ import annotations

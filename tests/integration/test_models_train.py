@@ -1,4 +1,7 @@
-"""(integration: models trained / compared for real, tens of seconds on 2 cores) seg_models: registry, shapes, training step, upsamplers, options, torchvision equivalence, weights."""
+"""seg_models trained and compared for real (tens of seconds on 2 cores): an SGD step of every model at
+odd sizes, the unpool decoder learning like bilinear, torchvision equivalence with the same weights,
+backbone weights loading. The fast model tests are tests/unit/test_models.py, whose helpers these use.
+"""
 
 from __future__ import annotations
 import pytest

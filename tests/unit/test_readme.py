@@ -1,4 +1,4 @@
-"""The README's shell blocks, checked with the real parsers, and its cluster recipe run for real.
+"""The README's shell blocks, checked with the real parsers.
 
 Every fenced ```bash / ```sh / ```shell / ```zsh / ```console block of README.md is split into
 commands (line continuations, `&&`, `||`, `;`, `|`, `FOO=bar cmd`, comments, redirections) and
@@ -9,10 +9,9 @@ checked and its entrypoint checked as a segpipe command; `make` against the Make
 Every block passes `bash -n` (and `zsh -n` where zsh is installed); a `-S` value holding [ ] { } *
 is quoted.
 
-The slow test runs the blocks the README marks with `<!-- tests/cluster/test_readme_cluster.py runs this block -->`
-(the cluster recipe: data and weights on shared storage, the whole comparison as ONE `ray job
-submit`, the report) against a Ray head and a `segpipe mlflow-server` it starts, with the
-substitutions declared in SUBSTITUTIONS / TINY_SETS below and nothing else.
+The blocks the README marks with `<!-- tests/cluster/test_readme_cluster.py runs this block -->`
+are run for real by that test, with the substitutions declared in SUBSTITUTIONS / TINY_SETS below
+and nothing else.
 """
 
 from __future__ import annotations
