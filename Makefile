@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/segpipe quickstart
 
+# two pytest-xdist workers (most of the suite waits on processes it started: Ray, MLflow servers,
+# DVC); a module whose tests share a module-scoped fixture is one xdist_group, run by one worker
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
 
 clean-data:
 	rm -rf data/raw data/shards data/.raw-new data/.shards-new
@@ -35,6 +37,6 @@ clean-data:
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 test-integration: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests/integration
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests/integration
 test-cluster: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests/cluster
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests/cluster

@@ -9,11 +9,43 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TAR = ROOT / "assets" / "voc-mini.tar"
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `segpipe ...` as a user would (a fresh process), capturing output."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run `segpipe ...`, capturing its exit code, stdout and stderr.
+
+    fresh=True: a new process, as a user runs it (for what only a process shows: a timeout, a
+    signal, whether it starts a Ray of its own, its memory). Default: the CLI's own entry point
+    (pipeline.cli.main, what the `segpipe` script calls) in this process, in `cwd`, with this
+    process's environment and working directory restored afterwards; an exception escaping main()
+    comes back as exit 1 with its traceback on stderr, as the process would print it. Each fresh
+    process pays 4-6 s of imports (torch, torchvision, MLflow, Ray), most of the suite's error-path
+    tests' time."""
+    if fresh:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd or ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    import contextlib
+    import io
+    import traceback
+
+    from pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    env, here = dict(os.environ), os.getcwd()
+    try:
+        os.chdir(cwd or ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as exc:  # argparse: --help (0), a usage error (2)
+                rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # noqa: BLE001  (what the process would die with)
+                traceback.print_exc()
+                rc = 1
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(env)
+    return subprocess.CompletedProcess(["segpipe", *args], rc, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -39,6 +71,20 @@ def tree_snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def pytest_configure(config):
+    """Before any test process starts a Ray: make sure this user's Ray token exists. This Ray turns
+    token authentication on by default and writes ~/.ray/auth_token when a head starts without one;
+    two pytest-xdist workers starting their Rays at once on a fresh machine would each write their
+    own, and one of them would then reject its own clients."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller did it
+        return
+    token = Path.home() / ".ray" / "auth_token"
+    if not token.exists():
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray (2 CPUs) with its own temp dir, shut down (its own processes) at the end."""
@@ -48,13 +94,32 @@ def ray_local():
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    before = dict(os.environ)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    # what a `segpipe` child process needs to join this Ray as a quickstart's stages join its one
+    # Ray (system.shared_local_ray): the GCS address, and the RAY_* variables ray.init set here
+    from pipeline.system import SHARED_ENV
+
+    address = ray.get_runtime_context().gcs_address
+    _RAY_JOIN_ENV.update({k: v for k, v in os.environ.items() if k.startswith("RAY_") and before.get(k) != v},
+                         RAY_ADDRESS=address, **{SHARED_ENV: address})
     yield ray
+    _RAY_JOIN_ENV.clear()
     ray.shutdown()
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+_RAY_JOIN_ENV: dict[str, str] = {}
+
+
+@pytest.fixture
+def ray_join_env(ray_local) -> dict[str, str]:
+    """Environment variables that make a `segpipe` child process join the session's Ray (instead of
+    starting its own: 10-20 s on 2 cores) the way a quickstart's DVC stages join its one Ray."""
+    return dict(_RAY_JOIN_ENV)
 
 
 @pytest.fixture(scope="session")

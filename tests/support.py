@@ -62,7 +62,7 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> N
 
 
 def _stop_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM the process and every descendant, by PID; SIGKILL what is left."""
+    """SIGTERM the process and every descendant, by PID; SIGKILL what is left after 10 s."""
     import psutil
 
     try:
@@ -74,7 +74,7 @@ def _stop_tree(proc: subprocess.Popen) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(tree, timeout=20)
+    _, alive = psutil.wait_procs(tree, timeout=10)
     for p in alive:
         try:
             p.kill()

@@ -51,7 +51,11 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 def experiment_id(c, name: str) -> str:
     """Get or create; with a sqlite store the artifacts go to mlruns/ beside the database file
     (absolute), not to the current directory of whichever process logs first. The experiment
-    carries EXPERIMENT_KIND (also set on experiments made before the tag existed)."""
+    carries EXPERIMENT_KIND (also set on experiments made before the tag existed). Two processes
+    creating it at once (the first jobs on a fresh tracking server): the loser's create fails
+    with RESOURCE_ALREADY_EXISTS and it uses the winner's experiment."""
+    from mlflow.exceptions import MlflowException
+
     exp = c.get_experiment_by_name(name)
     if exp:
         for key, value in EXPERIMENT_KIND.items():
@@ -62,7 +66,12 @@ def experiment_id(c, name: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
-    return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+    try:
+        return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or not (exp := c.get_experiment_by_name(name)):
+            raise
+        return exp.experiment_id
 
 
 # columns that hold artifact locations (MLflow 3 schema); a table or column a store lacks is skipped

@@ -1,6 +1,7 @@
 """The result of a family's tune: one row per trial (status, epochs, val mIoU, values; its MLflow run
 tagged with the outcome and closed), the best trial, and <reports_dir>/tune/<family>/ with
-trials.csv, best_config.json (what --apply merges), metrics.json (the summary), best_params.yaml (a
+trials.csv, best_config.json (what --apply merges, with the trial / MLflow / Ray ids), metrics.json
+(the DVC metric: a few numbers, one `dvc exp show` column each), best_params.yaml (a
 full params file: `segpipe train -p ...`) and plots/, swapped in whole; the same files on the
 parent MLflow run; the table printed at the end."""
 
@@ -23,6 +24,8 @@ from pipeline.tuning.space import METRIC, TRAIN_KEYS, Space, apply_values, decod
 
 log = logging.getLogger(__name__)
 FILES = ("trials.csv", "best_params.yaml", "best_config.json", "metrics.json")
+# what metrics.json keeps of the summary: numbers only (names and ids live in best_config.json)
+METRIC_KEYS = ("best_val_mIoU", "best_epochs", "trials", "completed", "early_stopped", "errored", "tune_seconds")
 
 
 def out_dir(p: Params, family: str) -> Path:
@@ -107,7 +110,7 @@ def summarize(space: Space, rows: list[dict], parent_run_id: str, name: str, sec
                    "train": {k: v for k, v in best["train"].items() if k in space.searched or k in space.train},
                    "values": best["values"], "val_mIoU": best["val_mIoU"], "epochs": best["epochs"],
                    "trial_id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"],
-                   "mlflow_parent_run_id": parent_run_id}
+                   "mlflow_parent_run_id": parent_run_id, "ray_experiment": name}
     return best, summary, best_config
 
 
@@ -122,7 +125,7 @@ def finish(p: Params, space: Space, rows: list[dict], uri: str, parent_run_id: s
         (tmp / "plots").mkdir()
         write_csv(rows, space, tmp / "trials.csv")
         (tmp / "best_config.json").write_text(json.dumps(best_config, indent=2) + "\n")
-        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps({k: summary[k] for k in METRIC_KEYS}, indent=2) + "\n")
         (tmp / "best_params.yaml").write_text(best_params_yaml(p, family, best_config))
         plots = make_plots(rows, space, tmp / "plots")
         tune_runs.log_result(

@@ -54,7 +54,7 @@ def test_loader_bench_ours_torchvision_and_ray_data(ray_local, tmp_path, capsys)
 
 def test_model_bench_pairs_ours_with_torchvision(tmp_path):
     out = tmp_path / "bench"
-    proc = run_cli("bench", "model", "--quick", "--out", str(out))
+    proc = run_cli("bench", "model", "--quick", "--out", str(out), fresh=True)
     assert proc.returncode == 0, proc.stderr
     d = _result(out, "model")
     assert [(r[0], r[1], r[2]) for r in d["table"]["rows"]] == [
@@ -66,7 +66,7 @@ def test_model_bench_pairs_ours_with_torchvision(tmp_path):
 
 def test_preprocess_bench_speedup_and_flat_memory(tmp_path):
     out = tmp_path / "bench"
-    proc = run_cli("bench", "preprocess", "--quick", "--sizes", "20,60", "--out", str(out))
+    proc = run_cli("bench", "preprocess", "--quick", "--sizes", "20,60", "--out", str(out), fresh=True)
     assert proc.returncode == 0, proc.stderr
     d = _result(out, "preprocess")
     assert [(r[0], r[2]) for r in d["table"]["rows"]] == [(20, 1), (20, 1), (60, 1)]  # images, runs
@@ -90,7 +90,7 @@ def test_ray_bench_ray_train_vs_plain_loop(ray_local, tmp_path):
 def test_pipeline_bench_times_stages_and_a_noop_repro(tmp_path):
     out = tmp_path / "bench"
     proc = run_cli("bench", "pipeline", "--stages", "fetch,preprocess", "-S", "data.synthetic.train_count=12",
-                   "-S", "data.synthetic.val_count=4", "--out", str(out))
+                   "-S", "data.synthetic.val_count=4", "--out", str(out), fresh=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     d = _result(out, "pipeline")
     assert set(d["stage_seconds"]) == {"fetch", "preprocess"}

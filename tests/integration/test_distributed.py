@@ -4,6 +4,7 @@ at the same step with the `error:` line. The collective helper at world size 1 (
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,8 +33,9 @@ def one_val_image(tmp_path_factory) -> Path:
 
 
 def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
-    """`segpipe train` in a fresh process; on a hang (the failure these tests look for) its whole
-    tree, the Ray it started included, is stopped by PID before the test fails."""
+    """`segpipe train` in a fresh process (joining the session's Ray when env says so, as a
+    quickstart stage does); on a hang (the failure these tests look for) its whole tree is stopped
+    by PID before the test fails."""
     from tests.support import _stop_tree
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
@@ -48,25 +50,24 @@ def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float =
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def test_two_workers_with_a_one_image_val_split_finish(one_val_image, tmp_path):
+def test_two_workers_with_a_one_image_val_split_finish(one_val_image, tmp_path, ray_join_env):
     proc = _train(tiny_overrides(one_val_image, tmp_path) + ["train.sample_images=0", "train.max_failures=0"], tmp_path,
-                  timeout=300)
+                  env=ray_join_env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[unet] done: val mIoU" in proc.stdout
-    summary = (tmp_path / "reports" / "metrics" / "unet-seed0.json").read_text()
-    import json
-
-    s = json.loads(summary)
+    s = json.loads((tmp_path / "reports" / "metrics" / "unet-seed0.json").read_text())
     assert 0.0 <= s["pixel_acc"] <= 1.0  # the one image of rank 0 was evaluated and reduced with rank 1's zeros
 
 
 # Test-side fault injection, put on the workers' PYTHONPATH as sitecustomize.py (product code knows
-# nothing of it): once pipeline.training.engine is imported, the loss on the rank named by
-# SEGPIPE_TEST_NAN_RANK is NaN, and each rank's NonFiniteLoss stop is recorded as
-# $SEGPIPE_TEST_STOPS/nan-<rank>-<epoch>-<step>.
+# nothing of it): once pipeline.training.engine is imported, the loss on the rank named in nan.json
+# beside it is NaN, and each rank's NonFiniteLoss stop is recorded as <stops>/nan-<rank>-<epoch>-<step>.
+# A file, not environment variables: the workers of the session's Ray get the job's PYTHONPATH only.
 NAN_HOOK = """
-import importlib.abc, importlib.machinery, os, sys
+import importlib.abc, importlib.machinery, json, sys
 from pathlib import Path
+
+CONF = json.loads(Path(__file__).with_name("nan.json").read_text())
 
 
 def _rank():
@@ -80,13 +81,13 @@ def _patch(engine):
 
     def nan_loss(outputs, target, aux_weight):
         loss = loss_fn(outputs, target, aux_weight)
-        return loss * float("nan") if str(_rank()) == os.environ["SEGPIPE_TEST_NAN_RANK"] else loss
+        return loss * float("nan") if _rank() == CONF["rank"] else loss
 
     def recorded_epoch(*args, **kwargs):
         try:
             return train_epoch(*args, **kwargs)
         except engine.NonFiniteLoss as exc:
-            Path(os.environ["SEGPIPE_TEST_STOPS"], f"nan-{_rank()}-{exc.epoch}-{exc.step}").touch()
+            Path(CONF["stops"], f"nan-{_rank()}-{exc.epoch}-{exc.step}").touch()
             raise
 
     engine.loss_fn, engine.train_epoch = nan_loss, recorded_epoch
@@ -107,19 +108,18 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
-if os.environ.get("SEGPIPE_TEST_NAN_RANK"):
-    sys.meta_path.insert(0, _Finder())
+sys.meta_path.insert(0, _Finder())
 """
 
 
-def test_nan_on_one_rank_stops_every_rank_at_the_same_step(synthetic_shards, tmp_path):
+def test_nan_on_one_rank_stops_every_rank_at_the_same_step(synthetic_shards, tmp_path, ray_join_env):
     stops, hook = tmp_path / "stops", tmp_path / "hook"
     stops.mkdir()
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(NAN_HOOK)
+    (hook / "nan.json").write_text(json.dumps({"rank": 1, "stops": str(stops)}))
     proc = _train(tiny_overrides(synthetic_shards, tmp_path) + ["train.sample_images=0", "train.max_failures=0"], tmp_path,
-                  env={"PYTHONPATH": f"{ROOT}{os.pathsep}{hook}", "SEGPIPE_TEST_NAN_RANK": "1",
-                       "SEGPIPE_TEST_STOPS": str(stops)}, timeout=300)
+                  env={**ray_join_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{hook}"}, timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "loss became NaN at epoch 1 step 0" in errors[0], proc.stderr[-3000:]

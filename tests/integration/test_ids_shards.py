@@ -94,7 +94,7 @@ def test_verify_checks_rows_and_accepts_intact_shards(sample_dir):
 
 def test_bench_verify_reports_the_cost(tmp_path):
     proc = run_cli("bench", "verify", "--quick", "--out", str(tmp_path / "bench"), "--workdir", str(tmp_path / "w"),
-                   timeout=300)
+                   timeout=300, fresh=True)
     assert proc.returncode == 0, proc.stderr
     got = json.loads((tmp_path / "bench" / "verify.json").read_text())
     names = [g["name"] for g in got["goals"]]

@@ -45,8 +45,8 @@ def _status(url: str, host: str | None = None, auth: tuple[str, str] | None = No
         req.add_header("Host", host)
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+    try:  # generous: the auth app's first request sets up its user store (slow on a loaded machine)
+        with urllib.request.urlopen(req, timeout=60) as r:
             return r.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -91,7 +91,8 @@ def _hup_and_check(proc: subprocess.Popen, port: int) -> None:
 
 def test_non_loopback_without_auth_is_refused(tmp_path):
     proc = run_cli("mlflow-server", "-p", str(ROOT / "params.yaml"), "--host", "0.0.0.0", "--port", str(_free_port()),
-                   "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+                   "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path,
+                   fresh=True)  # a regression would start a server: a process the timeout stops
     assert_user_error(proc, "without authentication", "--auth", "--insecure")
     assert not list(tmp_path.iterdir())
 

@@ -1,10 +1,9 @@
 """`segpipe report`, `segpipe ui` and `segpipe predict` on a tiny real run set: 2 families x 2 seeds,
-1 epoch each, trained with real Ray into a real sqlite MLflow store. The report's numbers must be
+2 epochs each, trained with real Ray into a real sqlite MLflow store. The report's numbers must be
 the ones MLflow holds; its PNGs must decode and show something; the UI server must answer MLflow's
 REST API and stop with its PID; predict must write masks from the registered model and name the
 images it could not read."""
 
-import argparse
 import json
 import os
 import re
@@ -23,14 +22,14 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import apply_overrides, read_yaml
 from tests.conftest import ROOT, SAMPLE_TAR, assert_user_error, run_cli
-from tests.support import tiny_overrides
+from tests.integration.conftest import TRAINED_FAMILIES, TRAINED_SEEDS
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs this module and test_train_all.py (`make test` runs pytest -n 2 --dist
+# loadgroup): they read the same session run set, and the module fixtures here are made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]
 
-FAMILIES = ("lraspp", "unet")  # the two lightest members (see tests/integration/test_train.py TINY)
-SEEDS = (0, 1)
+FAMILIES, SEEDS = TRAINED_FAMILIES, TRAINED_SEEDS  # lraspp, unet x 0, 1
 
 
 def _args(params: Path, *extra: str) -> list[str]:
@@ -38,25 +37,13 @@ def _args(params: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_local, synthetic_shards, tmp_path_factory):
-    """Train FAMILIES x SEEDS (1 epoch) through `segpipe train`'s own entry point (--seed path);
-    returns (work dir, params file, {(family, seed): summary})."""
-    from pipeline.config import load_params
-    from pipeline.stages.train import run as train_run
-
-    work = tmp_path_factory.mktemp("report")
-    raw = apply_overrides(read_yaml(ROOT / "params.yaml"),
-                          tiny_overrides(synthetic_shards, work) + ["train.sample_images=0", f"seeds={list(SEEDS)}",
-                                                                    "report.latency_repeats=3", "report.latency_warmup=1",
-                                                                    "report.sample_images=2"])
-    raw["families"] = {f: raw["families"][f] for f in FAMILIES}
-    params = work / "params.yaml"
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    p = load_params(params)
+def runs(trained_all):
+    """The session's `train --all` run set (tests/integration/conftest.py: FAMILIES x SEEDS, 2
+    epochs, trained at once); returns (work dir, params file, {(family, seed): summary})."""
+    work, params = trained_all["work"], trained_all["params"]
     out = {}
     for seed in SEEDS:
         for fam in FAMILIES:
-            train_run(p, argparse.Namespace(family=fam, seed=seed, quiet=True))
             metrics = work / "reports" / "metrics"  # a few numbers + ids/strings in the _detail sibling
             out[(fam, seed)] = {**json.loads((metrics / f"{fam}-seed{seed}_detail.json").read_text()),
                                 **json.loads((metrics / f"{fam}-seed{seed}.json").read_text())}

@@ -246,3 +246,30 @@ def test_data_dir_is_a_file(tmp_path, params_file, stage):
     assert_user_error(proc, str(f), "is a file, not a directory", "(data.dir)")
     assert f.read_text() == "keep me\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notadir", "params.yaml"]
+
+
+def test_the_first_jobs_on_a_fresh_store_share_one_experiment(tmp_path):
+    """Two jobs start on a fresh tracking store at once (a train and a tune `ray job submit`): both
+    look the experiment up, find nothing, create it; the store refuses the second create
+    (RESOURCE_ALREADY_EXISTS), and that job must use the first one's experiment, not fail."""
+    from pipeline import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+
+    class LookedBeforeTheOtherCreated:  # the losing process: its lookup ran before the winner's create
+        def __init__(self):
+            self.looked = False
+
+        def get_experiment_by_name(self, name):
+            if not self.looked:
+                self.looked = True
+                return None
+            return c.get_experiment_by_name(name)
+
+        def __getattr__(self, name):
+            return getattr(c, name)
+
+    winner = tracking.experiment_id(c, "segpipe")
+    assert tracking.experiment_id(LookedBeforeTheOtherCreated(), "segpipe") == winner
+    assert [e.name for e in c.search_experiments()].count("segpipe") == 1

@@ -1,6 +1,11 @@
 """`segpipe train` with a real Ray (2 CPU workers) and a real sqlite MLflow store, on tiny
 synthetic shards: every family trains, MLflow holds what DESIGN.md names, a killed worker is
-recovered without a gap or a repeat in the metric history, a NaN loss fails the run cleanly."""
+recovered without a gap or a repeat in the metric history, bad params never start Ray.
+
+Elsewhere: a fixed seed gives identical metrics (test_train_all.py: a run trained again alone
+equals its concurrent twin); a NaN loss fails the run, its MLflow run FAILED, the error line named
+(test_train_all.py's failing runs; test_distributed.py for the `segpipe train` process and both
+ranks)."""
 
 import json
 import os
@@ -22,15 +27,19 @@ pytestmark = pytest.mark.slow
 
 
 def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, tmp_path):
+    """The four families at once (`train --all`: each run the one-by-one `train()` in its own driver
+    thread), 2 DDP workers x 0.25 CPU each so all four fit the session's 2-CPU Ray together."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.training.job import train
+    from pipeline.training.job import train_all
     from pipeline.data.voc import VOC_CLASSES
 
-    p = load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path))
+    p = load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path) + ["ray.cpus_per_worker=0.25", "seeds=[0]"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for fam, (model, _) in TINY.items():
-        summary = train(p, fam, progress=False)
+    outcomes = train_all(p, progress=False)
+    assert [(o.family, o.seed, o.error) for o in outcomes] == [(fam, 0, "") for fam in TINY]
+    for o in outcomes:
+        fam, summary, model = o.family, o.summary, TINY[o.family][0]
         run = client.get_run(summary["mlflow_run_id"])
         assert run.info.status == "FINISHED"
         assert run.info.run_name == f"{fam}-{model}-0"
@@ -64,76 +73,50 @@ def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, t
         assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 2
 
 
-def test_fixed_seed_gives_identical_metrics(ray_local, synthetic_shards, tmp_path):
-    from pipeline.training.job import train
-
-    runs = []
-    for i in range(2):
-        p = load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path / str(i), epochs=2)
-                        + ["train.sample_images=0"])
-        runs.append(train(p, "unet", progress=False))
-    for k in ("mIoU", "pixel_acc", "fwIoU"):
-        assert runs[0][k] == runs[1][k], k
-
-
-def test_nan_loss_stops_the_run(ray_local, synthetic_shards, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.training.job import TrainingFailed, train
-
-    p = load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path) + ["train.lr=1e30", "train.max_failures=0"])
-    with pytest.raises(TrainingFailed, match=r"loss became NaN at epoch 1 step \d+"):
-        train(p, "unet", progress=False)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("segpipe").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
-
-
 def test_bad_params_never_start_ray(tmp_path, synthetic_shards):
     base = tiny_overrides(synthetic_shards, tmp_path)
     for extra, needle in ((["train.model=resnet9000"], "unknown model"),
                           (["train.model=deeplabv3_resnet50", "train.model_options.atrous_rates=[6, 12]"], "atrous_rates"),
                           (["train.model=unet", "train.model_options.output_stride=4"], "output_stride"),
                           ([f"data.dir={tmp_path / 'empty'}"], "segpipe preprocess")):
-        proc = run_cli("train", "-p", str(ROOT / "params.yaml"), *sum((["-S", o] for o in base + extra), []), cwd=tmp_path)
+        proc = run_cli("train", "-p", str(ROOT / "params.yaml"), *sum((["-S", o] for o in base + extra), []), cwd=tmp_path, fresh=True)
         assert_user_error(proc, needle)
         assert "Started a local Ray" not in proc.stderr
     proc = run_cli("train", "-p", str(ROOT / "params.yaml"), "--family", "segformer", *sum((["-S", o] for o in base), []),
-                   cwd=tmp_path)
+                   cwd=tmp_path, fresh=True)
     assert_user_error(proc, "unknown family")
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def train_worker_pids(proc: subprocess.Popen) -> set[int]:
-    """The Ray Train worker processes (actor RayTrainWorker) under a `segpipe train` process: its
-    local Ray (raylet and the workers it starts) runs below it."""
+def train_worker_pids(since: float) -> set[int]:
+    """The Ray Train worker processes (actor RayTrainWorker) of the session's Ray (it runs below this
+    pytest process) started since `since`: the ones of the `segpipe train` under test."""
     import psutil
 
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return set()
     pids = set()
-    for child in tree:
+    for child in psutil.Process().children(recursive=True):
         try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
+            if child.create_time() >= since and "RayTrainWorker" in " ".join(child.cmdline()):
                 pids.add(child.pid)
         except psutil.Error:
             pass
     return pids
 
 
-def test_killed_worker_is_restored_without_gap_or_repeat(synthetic_shards, tmp_path):
+def test_killed_worker_is_restored_without_gap_or_repeat(synthetic_shards, tmp_path, ray_join_env):
     """SIGKILL one Ray Train worker mid-run: FailureConfig restarts the group from the last
-    checkpoint; every epoch is logged exactly once and the run FINISHES."""
+    checkpoint; every epoch is logged exactly once and the run FINISHES. `segpipe train` runs in
+    its own process and joins the session's Ray, as a quickstart stage does."""
     from mlflow.tracking import MlflowClient
 
     epochs = 4
     args = sum((["-S", o] for o in tiny_overrides(synthetic_shards, tmp_path, epochs=epochs)
                 + ["train.max_failures=2", "train.sample_images=0"]), [])
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **ray_join_env}
     log = tmp_path / "train.log"  # a file, not a pipe: nobody reads while the test polls
+    started = time.time() - 1
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), "--family", "unet",
+                             "--seed", "1",  # the DVC train@ stage's form
                              *args], cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
     seen: set[int] = set()  # every Ray Train worker process the run had
     try:
@@ -142,7 +125,7 @@ def test_killed_worker_is_restored_without_gap_or_repeat(synthetic_shards, tmp_p
         deadline = time.time() + 240
         while time.time() < deadline and victim is None:
             time.sleep(0.5)
-            seen |= train_worker_pids(proc)
+            seen |= train_worker_pids(started)
             if run_id is None and (tmp_path / "mlflow.db").exists():
                 try:
                     exp = client.get_experiment_by_name("segpipe")
@@ -151,13 +134,13 @@ def test_killed_worker_is_restored_without_gap_or_repeat(synthetic_shards, tmp_p
                 except Exception:
                     continue
             if run_id and len(client.get_metric_history(run_id, "val/mIoU")) >= 1:
-                alive = sorted(train_worker_pids(proc))
+                alive = sorted(train_worker_pids(started))
                 if alive:
                     victim = alive[-1]
                     os.kill(victim, signal.SIGKILL)
         assert victim is not None, "the run never reached its first epoch"
         while proc.poll() is None and time.time() < deadline + 400:  # the restarted group's workers
-            seen |= train_worker_pids(proc)
+            seen |= train_worker_pids(started)
             time.sleep(0.5)
         proc.wait(timeout=60)
     finally:
@@ -168,5 +151,7 @@ def test_killed_worker_is_restored_without_gap_or_repeat(synthetic_shards, tmp_p
     assert len(seen - {victim}) >= 2, f"no worker was restarted: {seen}"  # 2 workers: a third process replaced the victim
     steps = [m.step for m in client.get_metric_history(run_id, "val/mIoU")]
     assert steps == list(range(1, epochs + 1)), steps
-    assert client.get_run(run_id).info.status == "FINISHED"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["seed"] == "1"
+    assert (tmp_path / "reports" / "metrics" / "unet-seed1.json").exists()
     assert out.count(f"epoch {epochs}/{epochs}") == 1

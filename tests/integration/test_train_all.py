@@ -4,14 +4,16 @@ their metrics and DVC outputs equal the one-by-one path's for the same seeds, a 
 named while the others finish, bad input stops everything before Ray."""
 
 import json
+import time
 
 import pytest
 
-from pipeline.config import load_params
 from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.integration.conftest import TRAINED_FAMILIES, TRAINED_SEEDS
 from tests.support import TINY, tiny_overrides
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs this module and test_report.py: they read the same session run set
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]
 
 FAMILIES = ("unet", "lraspp")  # the two lightest tiny models
 
@@ -26,41 +28,48 @@ def overrides(data_dir, work, seeds=(0, 1), epochs=1, extra_family_train=None):
         f"families={json.dumps(fams)}", f"seeds={json.dumps(list(seeds))}"]
 
 
-def test_all_runs_overlap_and_match_the_sequential_runs(ray_local, synthetic_shards, tmp_path, capsys):
+def test_all_runs_overlap_and_match_the_sequential_runs(trained_all, synthetic_shards, tmp_path, capsys):
+    """The session's `train --all` run set (tests/integration/conftest.py: lraspp and unet x seeds 0
+    and 1, 2 DDP workers each, all four at once) against the one-by-one path: the runs overlapped,
+    and one run of each family trained again alone with the same seed gives the same results (the
+    fixed-seed guarantee, across processes, schedules and the two paths)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.training.job import train, train_all
+    from pipeline.config import load_params
+    from pipeline.training.job import train
 
-    import time
-
-    conc, seq = tmp_path / "all", tmp_path / "seq"
-    p = load_params(ROOT / "params.yaml", overrides(synthetic_shards, conc, epochs=2))
-    t0 = time.time()
-    outcomes = train_all(p, progress=False)
-    t_all = time.time() - t0
-    out = capsys.readouterr().out
-    assert [(o.family, o.seed, o.error) for o in outcomes] == [(f, s, "") for f in FAMILIES for s in (0, 1)]
-    for f in FAMILIES:
-        for s in (0, 1):
+    conc, seq, outcomes, out = trained_all["work"], tmp_path / "seq", trained_all["outcomes"], trained_all["out"]
+    assert [(o.family, o.seed, o.error) for o in outcomes] == [(f, s, "") for f in TRAINED_FAMILIES for s in TRAINED_SEEDS]
+    for f in TRAINED_FAMILIES:
+        for s in TRAINED_SEEDS:
             assert f"[{f}/seed{s}] epoch 2/2" in out and f"[{f}/seed{s}] done: val mIoU" in out
+    assert "train --all: 4/4 runs finished" in out
 
     client = MlflowClient(f"sqlite:///{conc / 'mlflow.db'}")
     runs = [client.get_run(o.summary["mlflow_run_id"]) for o in outcomes]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert sorted((r.data.tags["family"], r.data.tags["seed"], r.data.tags["stage"]) for r in runs) == \
-        sorted((f, str(s), "train") for f in FAMILIES for s in (0, 1))
+        sorted((f, str(s), "train") for f in TRAINED_FAMILIES for s in TRAINED_SEEDS)
     # concurrent: every run started before any run ended
     assert max(r.info.start_time for r in runs) < min(r.info.end_time for r in runs), \
         [(r.info.run_name, r.info.start_time, r.info.end_time) for r in runs]
+    for o in outcomes:  # every concurrent run wrote its outputs
+        stem = f"{o.family}-seed{o.seed}"
+        assert (conc / "models" / f"{stem}.pt").stat().st_size > 0
+        assert (conc / "reports" / "metrics" / f"{stem}_epochs.csv").read_text().splitlines()[0].startswith("epoch,")
+        assert [m.step for m in client.get_metric_history(o.summary["mlflow_run_id"], "val/mIoU")] == [1, 2]
 
-    ps = load_params(ROOT / "params.yaml", overrides(synthetic_shards, seq, epochs=2))
+    # the one-by-one path for one run of each family, each with a seed other than the other's
+    # (unet/seed1, lraspp/seed0), same params but the output folders
+    ps = load_params(trained_all["params"], [f"train.models_dir={seq / 'models'}", f"train.reports_dir={seq / 'reports'}",
+                                              f"ray.storage_path={seq / 'ray'}", f"mlflow.tracking_uri=sqlite:///{seq / 'mlflow.db'}"])
+    twins = [o for o in outcomes if (o.family, o.seed) in (("unet", 1), ("lraspp", 0))]
+    assert len(twins) == 2
     t0 = time.time()
-    alones = [train(ps.model_copy(update={"seed": o.seed}), o.family, progress=False) for o in outcomes]
-    t_seq = time.time() - t0
+    alones = [train(ps.model_copy(update={"seed": o.seed}), o.family, progress=False) for o in twins]
     with capsys.disabled():
-        print(f"\ntrain --all: {len(outcomes)} runs in {t_all:.0f}s, one by one {t_seq:.0f}s "
-              f"(x{t_seq / t_all:.2f})")
-    for o, alone in zip(outcomes, alones):
+        print(f"\ntrain --all: 4 runs in {trained_all['seconds']:.0f}s; 2 of them one by one {time.time() - t0:.0f}s")
+    for o, alone in zip(twins, alones):
         for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "per_class_iou"):
             assert o.summary[k] == alone[k], (o.name, k)
         # the same DVC outputs as the one-by-one path, same names, same metrics
@@ -69,10 +78,6 @@ def test_all_runs_overlap_and_match_the_sequential_runs(ray_local, synthetic_sha
         b = json.loads((seq / "reports" / "metrics" / f"{stem}.json").read_text())
         timing = ("mlflow_run_id", "train_seconds", "img_per_s")  # wall-clock figures differ, the results do not
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
-        assert (conc / "models" / f"{stem}.pt").stat().st_size > 0
-        assert (conc / "reports" / "metrics" / f"{stem}_epochs.csv").read_text().splitlines()[0].startswith("epoch,")
-        hist = client.get_metric_history(o.summary["mlflow_run_id"], "val/mIoU")
-        assert [m.step for m in hist] == [1, 2]
 
 
 def test_a_failing_run_is_named_and_the_others_finish(ray_local, synthetic_shards, tmp_path, capsys):
@@ -109,7 +114,7 @@ def test_bad_input_stops_train_all_before_ray(synthetic_shards, tmp_path):
     assert_user_error(proc, "--all", "--family")
     # one family that does not build: nothing starts, not even the good family's run
     proc = run_cli("train", "--all", "-p", str(ROOT / "params.yaml"), *base,
-                   "-S", "families.unet.options.output_stride=4", cwd=tmp_path)
+                   "-S", "families.unet.options.output_stride=4", cwd=tmp_path, fresh=True)
     assert_user_error(proc, "output_stride")
     assert "Started a local Ray" not in proc.stderr
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()

@@ -18,7 +18,9 @@ from pipeline.config import load_params
 from tests.conftest import ROOT, assert_user_error, run_cli
 from tests.support import tiny_overrides
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs the whole module (`make test` runs pytest -n 2 --dist loadgroup): its
+# module-scoped fixture is made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tune")]
 
 METHODS = ["bilinear", "transposed", "unpool"]
 
@@ -155,6 +157,9 @@ def test_reports_best_params_and_apply(tuned):
     assert (metrics["trials"], metrics["completed"] + metrics["early_stopped"], metrics["errored"]) == (3, 3, 0)
     best = json.loads((out / "best_config.json").read_text())
     assert metrics["best_val_mIoU"] == pytest.approx(best["val_mIoU"])
+    # the DVC metric holds numbers only (one `dvc exp show` column each); names and ids are in best_config
+    assert all(isinstance(v, (int, float)) for v in metrics.values()) and "best_epochs" in metrics, metrics
+    assert best["ray_experiment"].startswith("tune-unet-") and len(best["mlflow_parent_run_id"]) == 32
     assert best["model"] == "unet" and best["options"]["upsample"] in METHODS
     # best_params.yaml is a params file `segpipe train -p` takes as it is
     p = load_params(out / "best_params.yaml")
@@ -256,7 +261,7 @@ def test_bad_search_space_fails_before_any_trial(tmp_path, synthetic_shards):
         (["tune.families=[deeplabv3]", "tune.space.deeplabv3={atrous_rates: {grid: [[6, 12, 18], [6, 12]]}}"],
          ("tune.space.deeplabv3.atrous_rates", "(6, 12)")),
     ):
-        proc = run_cli("tune", *_args(base + extra), cwd=tmp_path)
+        proc = run_cli("tune", *_args(base + extra), cwd=tmp_path, fresh=True)
         assert_user_error(proc, *needles)
         assert "Started a local Ray" not in proc.stderr
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
