@@ -133,6 +133,15 @@ def ray_is_local(address: str = "") -> bool:
     return not address or os.environ.get(SHARED_ENV) == address
 
 
+def no_preemption_watch_when_local(address: str = "") -> None:
+    """One machine cannot be preempted: when Ray is local (our own, or a quickstart's shared one),
+    Ray Train's preemption watcher (one actor process per run, ~1.3 CPU-s to start on 2 cores) is
+    turned off for this process's runs; the setting travels to each run's controller with Train's
+    propagated variables. A cluster keeps it. Call before the TorchTrainer is built."""
+    if ray_is_local(address):
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def _local_runtime_env() -> dict:
     """A local Ray's job env: this checkout first, then the driver's own PYTHONPATH (the workers
     import what the driver imports)."""

@@ -9,16 +9,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TAR = ROOT / "assets" / "voc-mini.tar"
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, fresh: bool = False) -> subprocess.CompletedProcess:
+class RayStarted(AssertionError):
+    """Raised by run_cli(no_ray=True) where the command would have started or joined a Ray."""
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, fresh: bool = False,
+            no_ray: bool = False) -> subprocess.CompletedProcess:
     """Run `segpipe ...`, capturing its exit code, stdout and stderr.
 
     fresh=True: a new process, as a user runs it (for what only a process shows: a timeout, a
-    signal, whether it starts a Ray of its own, its memory). Default: the CLI's own entry point
+    signal, a server that must not start, its memory). Default: the CLI's own entry point
     (pipeline.cli.main, what the `segpipe` script calls) in this process, in `cwd`, with this
     process's environment and working directory restored afterwards; an exception escaping main()
     comes back as exit 1 with its traceback on stderr, as the process would print it. Each fresh
     process pays 4-6 s of imports (torch, torchvision, MLflow, Ray), most of the suite's error-path
-    tests' time."""
+    tests' time. no_ray=True (in-process): any attempt to start or join a Ray (pipeline.system.ray_init,
+    ray.init) raises RayStarted, which comes back as exit 1 with its traceback: the check for "bad
+    input stops everything before Ray", stronger than reading a process's log for Ray's banner."""
     if fresh:
         env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
         return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd or ROOT, env=env,
@@ -31,9 +38,20 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, fresh: bo
 
     out, err = io.StringIO(), io.StringIO()
     env, here = dict(os.environ), os.getcwd()
+
+    def started(*_a, **_k):
+        raise RayStarted("the command started (or joined) a Ray")
+
     try:
         os.chdir(cwd or ROOT)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.MonkeyPatch.context() as mp:
+            if no_ray:
+                import ray
+
+                from pipeline import system
+
+                mp.setattr(system, "ray_init", started)
+                mp.setattr(ray, "init", started)
             try:
                 rc = main(list(args))
             except SystemExit as exc:  # argparse: --help (0), a usage error (2)

@@ -94,3 +94,34 @@ def _rest(url: str, path: str, body: dict | None = None) -> dict:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
+
+
+class ActorTitles:
+    """The `ray::<Actor>` process titles seen below this process while the block runs (sampled
+    every 0.2 s): which Ray actors a local run started."""
+
+    def __enter__(self):
+        import threading
+
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self.seen
+
+    def _sample(self):
+        import psutil
+
+        while not self._stop.is_set():
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    title = " ".join(child.cmdline())
+                except psutil.Error:
+                    continue
+                if title.startswith("ray::"):
+                    self.seen.add(title.split()[0].split(".")[0])
+            self._stop.wait(0.2)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -117,7 +117,9 @@ def worker_config(job: Job) -> dict:
 
 
 def ray_init(p: Params) -> bool:
-    """Ray for this command: ray.address / RAY_ADDRESS, else a local one (system.ray_init)."""
+    """Ray for this command: ray.address / RAY_ADDRESS, else a local one (system.ray_init); on a
+    local Ray, no preemption watcher per run (system.no_preemption_watch_when_local)."""
+    system.no_preemption_watch_when_local(p.ray.address)
     return system.ray_init(p.ray.address)
 
 

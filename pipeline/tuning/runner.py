@@ -262,10 +262,7 @@ def tune_family(p: Params, space: Space) -> dict:
         "mlflow": p.mlflow.model_copy(update={"tracking_uri": uri}),
     })
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our lines only
-    if system.ray_is_local(p.ray.address):
-        # one machine cannot be preempted: one process less per trial (the setting travels to
-        # every trial's TorchTrainer with Train's propagated variables)
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    system.no_preemption_watch_when_local(p.ray.address)  # one process less per trial
     system.ray_init(p.ray.address)
     check_resources(p)
     root = storage_root(p)

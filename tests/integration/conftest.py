@@ -24,16 +24,17 @@ TRAINED_EPOCHS = 2
 @pytest.fixture(scope="session")
 def trained_all(ray_local, synthetic_shards, tmp_path_factory) -> dict:
     """`segpipe train --all` (its stage entry point, pipeline.stages.train.run_all) of lraspp and
-    unet x seeds 0 and 1, 2 epochs, the four runs at once on the session's Ray (2 DDP workers x
-    0.25 CPU each: 2 CPUs for all four), into a real sqlite store under a params file written for
-    them. Returns work dir, params file, the run outcomes, the printed output, the seconds taken."""
+    unet x seeds 0 and 1, 2 epochs, the four runs at once on the session's Ray (one 0.5-CPU worker
+    each: 2 CPUs for all four; a 1-worker run goes through the same collectives as N, and the
+    2-worker runs are test_distributed.py's and test_train.py's), into a real sqlite store under a
+    params file written for them. Returns work dir, params file, the run outcomes, the printed output, the seconds taken."""
     from pipeline.config import load_params
     from pipeline.stages.train import run_all
     from pipeline.training import job
 
     work = tmp_path_factory.mktemp("trained")
     raw = apply_overrides(read_yaml(ROOT / "params.yaml"), tiny_overrides(synthetic_shards, work, epochs=TRAINED_EPOCHS) + [
-        "train.sample_images=0", f"seeds={list(TRAINED_SEEDS)}", "ray.num_workers=2", "ray.cpus_per_worker=0.25",
+        "train.sample_images=0", f"seeds={list(TRAINED_SEEDS)}", "ray.num_workers=1", "ray.cpus_per_worker=0.5",
         "report.latency_repeats=3", "report.latency_warmup=1", "report.sample_images=2"])
     raw["families"] = {f: raw["families"][f] for f in TRAINED_FAMILIES}
     params = work / "params.yaml"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.support import _stop_tree
 
 PASSWORD = "correct-horse-battery-staple"
 
@@ -151,9 +152,8 @@ def test_auth_server_hosts_and_sighup(tmp_path):
                             text=True, timeout=120)
         assert ok.returncode == 0, ok.stderr[-2000:]
         _hup_and_check(proc, port)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    finally:  # on a failure: the whole tree (the server's uvicorn and MLflow's job runners too), by PID
+        _stop_tree(proc)
 
 
 @pytest.mark.slow
@@ -168,9 +168,8 @@ def test_ui_stops_its_whole_tree_on_sighup(tmp_path):
         _wait_ready(proc)
         assert not _port_free(port)
         _hup_and_check(proc, port)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    finally:  # on a failure: the whole tree (the server's uvicorn and MLflow's job runners too), by PID
+        _stop_tree(proc)
 
 
 @pytest.mark.slow
@@ -197,6 +196,5 @@ def test_nohup_keeps_the_server_through_sighup(tmp_path):
         proc.wait(timeout=60)
         _, alive = psutil.wait_procs(tree, timeout=10)
         assert not alive and _port_free(port)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    finally:  # on a failure: the whole tree, by PID
+        _stop_tree(proc)
