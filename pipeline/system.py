@@ -99,9 +99,11 @@ def ray_init(address: str = "", *, num_cpus: int | None = None, temp_dir: str | 
     ``address`` (or RAY_ADDRESS): join that cluster, whose job runtime env applies. Empty: a local Ray
     of our own (``address="local"`` never joins someone else's) with this checkout on PYTHONPATH.
     Worker logs stay in Ray's session logs unless SEGPIPE_RAY_LOGS=1 (progress reaches the driver
-    through the trainers' callbacks)."""
+    through the trainers' callbacks). On a local Ray this process's Ray Train runs skip the
+    preemption watcher (no_preemption_watch_when_local), also when Ray was already up."""
     import ray
 
+    no_preemption_watch_when_local(address)
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -137,7 +139,7 @@ def no_preemption_watch_when_local(address: str = "") -> None:
     """One machine cannot be preempted: when Ray is local (our own, or a quickstart's shared one),
     Ray Train's preemption watcher (one actor process per run, ~1.3 CPU-s to start on 2 cores) is
     turned off for this process's runs; the setting travels to each run's controller with Train's
-    propagated variables. A cluster keeps it. Call before the TorchTrainer is built."""
+    propagated variables. A cluster keeps it. Called by ray_init, before any TorchTrainer is built."""
     if ray_is_local(address):
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
@@ -152,7 +154,7 @@ def _local_runtime_env() -> dict:
 
 
 @contextlib.contextmanager
-def shared_local_ray(num_cpus: int | None = None):
+def shared_local_ray(num_cpus: int | None = None, temp_dir: str | Path | None = None):
     """Start one local Ray in this process for the child processes it runs (the DVC stages of a
     quickstart): yields the environment they need (RAY_ADDRESS = its GCS address, and SHARED_ENV so
     ray_init joins it with the local job env). Every stage and tune trial then joins it instead of
@@ -160,7 +162,7 @@ def shared_local_ray(num_cpus: int | None = None):
     import ray
 
     before = dict(os.environ)
-    ray_init(num_cpus=num_cpus, log_to_driver=False)
+    ray_init(num_cpus=num_cpus, temp_dir=temp_dir, log_to_driver=False)
     try:
         address = ray.get_runtime_context().gcs_address
         # what ray.init put in this process's environment for its clients (e.g. the cluster's auth

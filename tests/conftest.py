@@ -105,29 +105,25 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray (2 CPUs) with its own temp dir, shut down (its own processes) at the end."""
+    """A real local Ray (2 CPUs) in this process with its own temp dir, started and stopped as a
+    quickstart starts its one Ray (system.shared_local_ray); the environment a `segpipe` child
+    process needs to join it is kept for `ray_join_env`."""
+    import shutil
     import tempfile
 
     import ray
 
+    from pipeline.system import shared_local_ray
+
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    before = dict(os.environ)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    # what a `segpipe` child process needs to join this Ray as a quickstart's stages join its one
-    # Ray (system.shared_local_ray): the GCS address, and the RAY_* variables ray.init set here
-    from pipeline.system import SHARED_ENV
-
-    address = ray.get_runtime_context().gcs_address
-    _RAY_JOIN_ENV.update({k: v for k, v in os.environ.items() if k.startswith("RAY_") and before.get(k) != v},
-                         RAY_ADDRESS=address, **{SHARED_ENV: address})
-    yield ray
-    _RAY_JOIN_ENV.clear()
-    ray.shutdown()
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with shared_local_ray(num_cpus=2, temp_dir=tmp) as env:
+            _RAY_JOIN_ENV.update(env)
+            yield ray
+            _RAY_JOIN_ENV.clear()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _RAY_JOIN_ENV: dict[str, str] = {}

@@ -117,9 +117,7 @@ def worker_config(job: Job) -> dict:
 
 
 def ray_init(p: Params) -> bool:
-    """Ray for this command: ray.address / RAY_ADDRESS, else a local one (system.ray_init); on a
-    local Ray, no preemption watcher per run (system.no_preemption_watch_when_local)."""
-    system.no_preemption_watch_when_local(p.ray.address)
+    """Ray for this command: ray.address / RAY_ADDRESS, else a local one (system.ray_init)."""
     return system.ray_init(p.ray.address)
 
 

@@ -262,8 +262,7 @@ def tune_family(p: Params, space: Space) -> dict:
         "mlflow": p.mlflow.model_copy(update={"tracking_uri": uri}),
     })
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our lines only
-    system.no_preemption_watch_when_local(p.ray.address)  # one process less per trial
-    system.ray_init(p.ray.address)
+    system.ray_init(p.ray.address)  # on a local Ray also: no preemption watcher per trial
     check_resources(p)
     root = storage_root(p)
     parent_run_id, name, resumed = _start(p, space, uri)
