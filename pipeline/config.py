@@ -254,6 +254,8 @@ class MlflowParams(_Strict):
     http_timeout_s: int = Field(ge=1, le=300, description="timeout of one tracking request")
     preflight_timeout_s: float = Field(gt=0, le=60, description="train/tune/report check the store first, "
                                        "with this timeout per request (no retries)")
+    server_jobs: bool = Field(description="segpipe ui / mlflow-server run MLflow's GenAI job runner "
+                              "(MLFLOW_SERVER_ENABLE_JOB_EXECUTION wins when set)")
 
 
 class RayParams(_Strict):

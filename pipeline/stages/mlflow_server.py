@@ -189,6 +189,7 @@ def auth_setup(args, store: str) -> tuple[dict, Path]:
 
 def run(p: Params, args) -> int:
     from pipeline.stages import ui
+    from pipeline.tracking import server_env
 
     store = p.mlflow.tracking_uri  # the backend store itself: MLFLOW_TRACKING_URI (the server's URL) does not apply
     if store.startswith(("http://", "https://", "databricks")):
@@ -220,7 +221,7 @@ def run(p: Params, args) -> int:
         banner.append("  WARNING: --insecure: no authentication, anyone who reaches this port can write")
     try:
         return ui.serve(cmd, host=args.host, port=args.port, timeout=args.timeout, what="MLflow tracking server",
-                        banner=banner, env=env)
+                        banner=banner, env={**server_env(p), **env})
     finally:
         if ini is not None:
             ini.unlink(missing_ok=True)

@@ -135,7 +135,7 @@ def run(p: Params, args) -> int:
                         "(`dvc repro` or `segpipe train --family <name>`) (mlflow.tracking_uri)")
     if not 1 <= args.port <= 65535:
         raise UserError(f"port must be in 1..65535, got {args.port} (--port)")
-    from pipeline.tracking import client, compare_filter, compare_url, rehome_store
+    from pipeline.tracking import client, compare_filter, compare_url, rehome_store, server_env
 
     rehome_store(uri)  # a moved checkout: the UI serves artifacts from this db's mlruns/
     exp_id = _experiment_id(uri, p.mlflow.experiment)
@@ -146,7 +146,7 @@ def run(p: Params, args) -> int:
     else:
         compare = f"  experiment {p.mlflow.experiment!r} has no runs yet: train first"
     return serve(server_command(uri, args.port), host=HOST, port=args.port, timeout=args.timeout, what="MLflow UI",
-                 banner=[f"  store {uri}, experiment {p.mlflow.experiment!r}", compare,
+                 env=server_env(p), banner=[f"  store {uri}, experiment {p.mlflow.experiment!r}", compare,
                          "  then tick the runs and click Compare (README: MLflow UI)"])
 
 

@@ -144,6 +144,7 @@ def test_auth_server_hosts_and_sighup(tmp_path):
 
         cmdlines = " ".join(" ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True))
         assert "basic-auth" in cmdlines and PASSWORD not in cmdlines
+        assert "_job_runner" not in cmdlines and "huey" not in cmdlines  # mlflow.server_jobs: false
         # clients authenticate with MLflow's standard variables
         env = dict(os.environ, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=PASSWORD)
         code = ("from mlflow.tracking import MlflowClient; import sys; c = MlflowClient(sys.argv[1]); "
@@ -167,6 +168,11 @@ def test_ui_stops_its_whole_tree_on_sighup(tmp_path):
     try:
         _wait_ready(proc)
         assert not _port_free(port)
+        import psutil
+
+        cmdlines = [" ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert any(" server " in c for c in cmdlines) and not any("_job_runner" in c or "huey" in c for c in cmdlines), \
+            cmdlines  # MLflow's GenAI job runner stays off (mlflow.server_jobs: false)
         _hup_and_check(proc, port)
     finally:  # on a failure: the whole tree (the server's uvicorn and MLflow's job runners too), by PID
         _stop_tree(proc)

@@ -7,7 +7,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -151,18 +150,17 @@ def test_bounded_retries_survive_a_short_outage(tmp_path, params_file, monkeypat
     MLflow's retries, bounded by mlflow.http_* (0, 4, 8, ... s), carry the request over the gap.
     With retries off the same outage loses the request."""
     from pipeline import tracking
+    from pipeline.stages.ui import server_command
 
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
-           "--default-artifact-root", str(tmp_path / "art"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    server = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    p = params(params_file, tmp_path / "D")
+    server = subprocess.Popen(server_command(f"sqlite:///{tmp_path / 'm.db'}", port), cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, **tracking.server_env(p)})  # as segpipe ui starts it
     gate = _Gate(port)
     url = f"http://127.0.0.1:{gate.port}"
     for env in tracking._RETRY_ENV:
         monkeypatch.delenv(env, raising=False)
-    p = params(params_file, tmp_path / "D")
     set_env = tracking.bounded_http_retries(p)
     assert set_env == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}

@@ -152,3 +152,15 @@ def test_params_yaml_is_the_one_home_of_defaults(tmp_path):
     q = load_params(f)
     assert q.ray == p.ray and q.train.lr == committed["train"]["lr"]
     assert default_params(["train.epochs=2"]).train.epochs == 2
+
+
+def test_mlflow_servers_run_without_the_genai_job_runner_unless_asked(params_file, monkeypatch):
+    """segpipe ui / mlflow-server start `mlflow server` with MLflow's job runner off
+    (mlflow.server_jobs: false); the knob or MLFLOW_SERVER_ENABLE_JOB_EXECUTION turns it on."""
+    from pipeline.tracking import server_env
+
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    assert server_env(load_params(params_file)) == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    assert server_env(load_params(params_file, ["mlflow.server_jobs=true"])) == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
+    assert server_env(load_params(params_file)) == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
