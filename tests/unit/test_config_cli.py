@@ -164,3 +164,25 @@ def test_mlflow_servers_run_without_the_genai_job_runner_unless_asked(params_fil
     assert server_env(load_params(params_file, ["mlflow.server_jobs=true"])) == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
     monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
     assert server_env(load_params(params_file)) == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
+
+
+@pytest.mark.parametrize("codes, rc", [((1, 2), 1), ((2, 2), 2)])
+def test_failures_are_summed_up_in_one_error_line(monkeypatch, capsys, params_file, codes, rc):
+    """`segpipe train --all`'s summary of train --all outcomes (no Ray: job.train_all replaced by its outcomes):
+    every failed run named in one `error:` line; exit 2 only when every failure was bad input."""
+    import argparse
+
+    from pipeline.config import load_params
+    from pipeline.stages.train import run_all
+    from pipeline.training import job
+
+    outcomes = [job.RunOutcome("lraspp", 0, summary={"mIoU": 0.5, "train_seconds": 3.0, "mlflow_run_id": "abc"}),
+                job.RunOutcome("unet", 0, error="loss became NaN at epoch 1 step 2", exit_code=codes[0]),
+                job.RunOutcome("unet", 1, error="bad shard", exit_code=codes[1])]
+    monkeypatch.setattr(job, "train_all", lambda p, progress=True: outcomes)
+    with pytest.raises(Exception) as err:
+        run_all(load_params(params_file), argparse.Namespace(all=True, family=None, seed=None, quiet=True))
+    assert str(err.value) == "2 of 3 runs failed: unet/seed0: loss became NaN at epoch 1 step 2; unet/seed1: bad shard"
+    assert err.value.exit_code == rc
+    out = capsys.readouterr().out
+    assert "train --all: 1/3 runs finished" in out and "unet/seed1" in out and "FAILED: bad shard" in out

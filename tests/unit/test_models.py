@@ -193,15 +193,14 @@ def _toy_scenes(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, to
     return (images - 0.5) / 0.25, masks
 
 
-def _train_miou(upsample: str, steps: int = 120, sgd: bool = False) -> tuple[float, float, float]:
+def _train_miou(upsample: str, steps: int = 40) -> tuple[float, float, float]:
+    """FCN-8s (width 1/8) trained on toy scenes with pipeline.engine's optimiser at the quickstart's
+    lr: (mean loss of the first 5 steps, of the last 5, held-out mIoU)."""
     torch.manual_seed(0)
     x, y = _toy_scenes(24)
     vx, vy = _toy_scenes(8, seed=1)
     model = build_model("fcn8s_vgg16", num_classes=3, upsample=upsample, width=0.125, batch_norm=True)
-    if sgd:  # pipeline.engine's optimiser at the quickstart's lr
-        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
     losses = []
     for step in range(steps):
         idx = torch.arange(8) + (step * 8) % 24
