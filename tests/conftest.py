@@ -94,7 +94,12 @@ def pytest_configure(config):
     token authentication on by default and writes ~/.ray/auth_token when a head starts without one;
     two pytest-xdist workers starting their Rays at once on a fresh machine would each write their
     own, and one of them would then reject its own clients."""
-    if hasattr(config, "workerinput"):  # an xdist worker: the controller did it
+    # Ray clients in this process read RAY_AUTH_MODE once (Ray's config is initialised on first
+    # use and kept): token mode from the start, as every head here runs with token auth (the README
+    # tells users to export it), so a cluster test's job client does not depend on which test
+    # touched Ray first
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller did the token
         _share_the_cores(int(config.workerinput.get("workercount", 1)))
         return
     token = Path.home() / ".ray" / "auth_token"

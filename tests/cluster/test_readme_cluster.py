@@ -1,102 +1,177 @@
-"""The README's cluster recipe run as written: the blocks the README marks with
+"""The README's cluster recipe run as written, on two "hosts": the blocks the README marks with
 `<!-- tests/cluster/test_readme_cluster.py runs this block -->` (data and weights on shared storage,
 the whole comparison as ONE `ray job submit`, the report) against a Ray head and a `segpipe
-mlflow-server` this test starts, with only the substitutions declared in tests/unit/test_readme.py
-(SUBSTITUTIONS / TINY_SETS). The parsing of every README command is tests/unit/test_readme.py.
+mlflow-server --auth` bound to the host side of a veth pair (a non-loopback address, as HEAD is on a
+cluster) and a second Ray node inside a network namespace that joins by that address, with only the
+substitutions declared in tests/unit/test_readme.py (substitutions / tiny_sets). The parsing of
+every README command is tests/unit/test_readme.py.
 """
 
 from __future__ import annotations
+
 import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
 import pytest
+import yaml
+
+from tests.cluster.conftest import NS_HOST, NS_PEER, PASSWORD, basic, ray_ports
 from tests.conftest import ROOT
 from tests.unit.test_readme import BIN, BLOCKS, runnable_script, substitutions, tiny_sets  # the helpers live beside the unit tests
 
 
-@pytest.mark.slow
-def test_the_cluster_recipe_runs_as_written(tmp_path):
-    """A fresh copy of the checkout, a Ray head and an MLflow server started here; the README's
-    marked blocks run by bash in the copy with the declared substitutions; one `ray job submit`
-    trains every family x seed; the job SUCCEEDED and its runs are in the tracking server."""
-    from tests.support import _env, _free_port, _rest, _stop_tree, _wait_http
-
-    # a fresh checkout: the tracked (and untracked, not ignored) files, as `git clone` would give
-    clone = tmp_path / "segpipe"
+def _fresh_checkout(clone: Path) -> None:
+    """The tracked (and untracked, not ignored) files, as `git clone` would give."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for f in filter(None, files):
         if (ROOT / f).is_file():
             (clone / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, clone / f)
+
+
+@pytest.mark.slow
+def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkeypatch):
+    """A fresh copy of the checkout; the tracking server (README step 2: --auth, bound to the host's
+    veth address) and a Ray head there, a second Ray node in the namespace; the server refuses
+    strangers; the README's marked blocks run by bash in the copy; one `ray job submit` trains every
+    family x seed with each run's two workers on the two hosts (its all-reduces cross the veth),
+    logging to the server by its address with credentials; the runs, artifacts, checkpoints, DVC
+    outputs and report land where the README puts them."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # for the state API / job client in this process (before Ray reads it)
+    import psutil
+    import ray.util.state
+
+    from tests.support import _env, _stop_tree, _wait_http
+
+    clone = tmp_path / "segpipe"
+    _fresh_checkout(clone)
     shared = tmp_path / "shared"
     shared.mkdir()
-
     env = dict(_env(), PYTHONPATH=str(clone))
     procs: list[subprocess.Popen] = []
-    ray_tmp = Path(__import__("tempfile").mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's sockets
+    head_tmp = Path(tempfile.mkdtemp(prefix="rh2", dir="/tmp"))  # short: Ray's unix sockets live under it
+    node_tmp = Path(tempfile.mkdtemp(prefix="rn2", dir="/tmp"))
     try:
-        # the Ray head (as tests/cluster/test_cluster.py's ray_head: own temp dir and ports)
-        ports = {k: _free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
-                                            "object-manager-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
-        base = 20000 + ((os.getpid() + 97) % 200) * 100
-        hlog = ray_tmp / "head.log"
-        procs.append(subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={ray_tmp}",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-             f"--min-worker-port={base}", f"--max-worker-port={base + 99}", *(f"--{k}={v}" for k, v in ports.items())],
-            env=env, stdout=open(hlog, "w"), stderr=subprocess.STDOUT, start_new_session=True))
-        head = f"http://127.0.0.1:{ports['dashboard-port']}"
-        # the tracking server: step 2's command, on 127.0.0.1 without --auth (test_cluster's
-        # two-host test covers --auth), its store on the "shared" volume
-        mport = _free_port()
-        mlog = tmp_path / "mlflow.log"
-        procs.append(subprocess.Popen(
-            [str(BIN / "segpipe"), "mlflow-server", "--port", str(mport), "--artifacts-destination",
-             str(shared / "mlartifacts"), "-S", f"mlflow.tracking_uri=sqlite:///{shared / 'mlflow.db'}"],
-            cwd=clone, env=env, stdout=open(mlog, "w"), stderr=subprocess.STDOUT))
-        mlflow = f"http://127.0.0.1:{mport}"
-        _wait_http(head + "/api/version", 120, procs[0], hlog)
-        _wait_http(mlflow + "/health", 120, procs[1], mlog)
+        # the tracking server: README step 2, on the host's veth address, its store on /shared
+        from tests.support import _free_port
 
-        script = runnable_script([b for b in BLOCKS if b.marked], substitutions(head, mlflow, shared), tiny_sets())
+        mport = _free_port()
+        (tmp_path / "pw").write_text(PASSWORD + "\n")
+        mlog = tmp_path / "mlflow.log"
+        server = subprocess.Popen(
+            [str(BIN / "segpipe"), "mlflow-server", "--host", NS_HOST, "--port", str(mport), "--auth",
+             "--auth-password-file", str(tmp_path / "pw"), "--artifacts-destination", str(shared / "mlartifacts"),
+             "-S", f"mlflow.tracking_uri=sqlite:///{shared / 'mlflow.db'}"],
+            cwd=clone, env=env, stdout=open(mlog, "w"), stderr=subprocess.STDOUT)
+        procs.append(server)
+        murl = f"http://{NS_HOST}:{mport}"
+        # the Ray head on the same address
+        base = 20000 + ((os.getpid() + 97) % 200) * 100
+        ports = ray_ports(range(base, base + 100))
+        hlog = head_tmp / "head.log"
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=1", f"--node-ip-address={NS_HOST}",
+             f"--temp-dir={head_tmp}", "--include-dashboard=true", f"--dashboard-host={NS_HOST}", "--disable-usage-stats",
+             f"--min-worker-port={base}", f"--max-worker-port={base + 99}", *(f"--{k}={v}" for k, v in ports.items())],
+            env=env, stdout=open(hlog, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(head)
+        ray_address = f"http://{NS_HOST}:{ports['dashboard-port']}"
+        _wait_http(ray_address + "/api/version", 120, head, hlog)
+        # the second "host": a Ray node inside the namespace, joining by the head's veth address
+        nlog = node_tmp / "node.log"
+        node = subprocess.Popen(
+            ["ip", "netns", "exec", netns, str(BIN / "ray"), "start", f"--address={NS_HOST}:{ports['port']}", "--block",
+             "--num-cpus=1", f"--node-ip-address={NS_PEER}", f"--temp-dir={node_tmp}", "--disable-usage-stats"],
+            env=env, stdout=open(nlog, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(node)
+        _wait_http(murl + "/health", 120, server, mlog)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if node.poll() is not None:
+                raise RuntimeError(f"the namespace's Ray node exited:\n{nlog.read_text()[-3000:]}")
+            alive = {n.node_ip for n in ray.util.state.list_nodes(address=ray_address) if n.state == "ALIVE"}
+            if alive == {NS_HOST, NS_PEER}:
+                break
+            time.sleep(1)
+        assert alive == {NS_HOST, NS_PEER}, alive
+
+        # the server: unauthenticated 401, a name it is not (Host: localhost from a peer) 403
+        assert basic("/api/2.0/mlflow/experiments/search?max_results=1", murl)[0] == 200
+        try:
+            urllib.request.urlopen(murl + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+            raise AssertionError("unauthenticated request accepted")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 401
+        assert basic("/api/2.0/mlflow/experiments/search?max_results=1", murl, host="localhost")[0] == 403
+        peer = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c",
+                               "import urllib.request, sys\n"
+                               "try: urllib.request.urlopen(sys.argv[1], timeout=10)\n"
+                               "except urllib.error.HTTPError as e: print(e.code)",
+                               murl + "/api/2.0/mlflow/experiments/search?max_results=1"],
+                              capture_output=True, text=True, timeout=60)
+        assert peer.stdout.strip() == "401", peer.stdout + peer.stderr  # the peer reaches it, and must log in
+
+        # README step 4 with --auth: "your own, uncommitted copy of the runtime env" with the credentials
+        runtime_env = yaml.safe_load((clone / "cluster" / "runtime_env.yaml").read_text())
+        runtime_env["env_vars"].update({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": PASSWORD})
+        (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+        script = runnable_script([b for b in BLOCKS if b.marked],
+                                 substitutions(ray_address, murl, shared, tmp_path / "runtime_env.yaml"), tiny_sets())
         (tmp_path / "recipe.sh").write_text(script)
         t0 = time.time()
-        proc = subprocess.run(["bash", str(tmp_path / "recipe.sh")], cwd=clone, env=env, capture_output=True,
-                              text=True, timeout=900)
+        # README step 5: the report's machine exports the two credential variables
+        proc = subprocess.run(["bash", str(tmp_path / "recipe.sh")], cwd=clone, capture_output=True, text=True,
+                              timeout=900, env=dict(env, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=PASSWORD))
         took = time.time() - t0
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{script}\n{out[-6000:]}"
-        print(f"\nthe README's cluster recipe ran in {took:.0f}s")
+        print(f"\nthe README's cluster recipe ran on two hosts in {took:.0f}s")
 
         # one job, SUCCEEDED, that ran train --all
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         from ray.job_submission import JobSubmissionClient
 
-        jobs = JobSubmissionClient(head).list_jobs()
+        jobs = JobSubmissionClient(ray_address).list_jobs()
         assert [(str(j.status), j.entrypoint.split()[:3]) for j in jobs] == [("SUCCEEDED", ["segpipe", "train", "--all"])]
         assert "[unet/seed0] done: val mIoU" in out and "[lraspp/seed0] done: val mIoU" in out, out[-4000:]
         assert "train --all: 2/2 runs finished" in out
+        # each run's two workers on the two hosts (SPREAD), as Ray's state API knows them
+        node_ips = {n.node_id: n.node_ip for n in ray.util.state.list_nodes(address=ray_address)}
+        workers = ray.util.state.list_actors(address=ray_address, filters=[("class_name", "=", "RayTrainWorker")],
+                                             limit=1000)
+        per_node = sorted(node_ips[a.node_id] for a in workers)
+        assert per_node == [NS_HOST, NS_HOST, NS_PEER, NS_PEER], per_node
 
-        # the runs are in the tracking server, with their artifacts; the report read them from it
-        exp = _rest(mlflow, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=segpipe")["experiment"]
-        runs = _rest(mlflow, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        # the runs and their artifacts, read back through the server with credentials
+        code, exp = basic("/api/2.0/mlflow/experiments/get-by-name?experiment_name=segpipe", murl)
+        assert code == 200
+        code, found = basic("/api/2.0/mlflow/runs/search", murl, {"experiment_ids": [exp["experiment"]["experiment_id"]]})
+        runs = found["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs]
         assert sorted((t["family"], t["seed"], t["stage"]) for t in tags) == [("lraspp", "0", "train"), ("unet", "0", "train")]
         assert all(r["info"]["status"] == "FINISHED" and any(m["key"] == "val/mIoU" for m in r["data"]["metrics"])
                    for r in runs)
+        code, arts = basic(f"/api/2.0/mlflow/artifacts/list?run_id={runs[0]['info']['run_id']}", murl)
+        assert {"confusion_matrix.png", "predictions.png"} <= {f["path"] for f in arts.get("files", [])}
         assert list((shared / "mlartifacts").rglob("confusion_matrix.png"))
-        # where the README put things: shards, checkpoints, DVC outputs and the report on /shared
+        # where the README put things: shards, checkpoints (a path both hosts share), DVC outputs, the report
         assert (shared / "data" / "shards" / "manifest.json").is_file()
-        assert list((shared / "ray_results").rglob("checkpoint_*"))
+        assert list((shared / "ray_results").rglob("checkpoint_*/state.pt"))
         assert {p.name for p in (shared / "models").iterdir()} == {"unet-seed0.pt", "lraspp-seed0.pt"}
         comparison = json.loads((shared / "reports" / "comparison.json").read_text())
         assert "unet" in json.dumps(comparison) and "lraspp" in json.dumps(comparison)
     finally:
         for p in reversed(procs):
             _stop_tree(p)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        for d in (head_tmp, node_tmp):
+            shutil.rmtree(d, ignore_errors=True)
+        leftover = [p for p in psutil.process_iter(["cmdline"]) if str(node_tmp) in " ".join(p.info["cmdline"] or [])]
+        assert not leftover, leftover

@@ -346,20 +346,26 @@ def test_the_checker_refuses_what_it_should(tmp_path):
 # ------------------------------------------------------------------------------ the recipe, for real
 
 
-def substitutions(head: str, mlflow: str, shared: Path) -> dict[str, str]:
-    """Everything the slow test changes in the README's commands (in every argument)."""
-    return {"http://HEAD:8265": head, "http://HEAD:5000": mlflow, "/shared/": f"{shared}/"}
+def substitutions(head: str, mlflow: str, shared: Path, runtime_env: Path) -> dict[str, str]:
+    """Everything the slow test changes in the README's commands (in every argument): the head's
+    and the server's addresses, /shared, and the runtime env: the README's "own, uncommitted copy"
+    of cluster/runtime_env.yaml with the credentials of the --auth server."""
+    return {"http://HEAD:8265": head, "http://HEAD:5000": mlflow, "/shared/": f"{shared}/",
+            "cluster/runtime_env.yaml": str(runtime_env)}
 
 
 def tiny_sets() -> list[str]:
     """Appended as -S to every segpipe command of the marked blocks: tiny synthetic data, two tiny
     families, one seed, one epoch, 0.5-CPU workers (the README's 4 CPUs + 1 GPU per worker do not
-    fit a 2-core test Ray). Paths, the tracking URI and ray.num_workers stay the README's."""
+    fit a 2-core test machine), SPREAD placement (each run's two workers on the test's two hosts,
+    so its collectives cross the veth pair). Paths, the tracking URI and ray.num_workers stay the
+    README's."""
     fams = {f: {"model": TINY[f][0], "options": TINY[f][1]} for f in ("unet", "lraspp")}
     return ["data.source=synthetic", "data.synthetic.train_count=16", "data.synthetic.val_count=6",
             "data.synthetic.size=64", "data.row_group_rows=5", "train.epochs=1", "train.batch_size=4",
             "train.crop_size=64", "train.eval_size=64", "train.loader_workers=0", "train.sample_images=1",
-            "train.bn_momentum=0.1", "ray.cpus_per_worker=0.5", f"families={json.dumps(fams)}", "seeds=[0]",
+            "train.bn_momentum=0.1", "ray.cpus_per_worker=0.5", "ray.placement_strategy=SPREAD",
+            f"families={json.dumps(fams)}", "seeds=[0]",
             "report.latency_repeats=2", "report.sample_images=1"]
 
 
