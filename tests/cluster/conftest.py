@@ -9,12 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from tests.support import _free_port
+from tests.support import BIN, _env, _free_port
 
 NS_HOST, NS_PEER = "10.213.7.1", "10.213.7.2"  # a /30 of our own: host side, namespace side
 PASSWORD = "segpipe-cluster-test-pw"
@@ -80,3 +82,29 @@ def basic(path: str, url: str, body: dict | None = None, host: str | None = None
             return r.status, json.loads(r.read() or b"{}")
     except urllib.error.HTTPError as exc:
         return exc.code, {}
+
+
+def submit_job(address: str, working_dir: Path, runtime_env: Path, args: list[str]) -> str:
+    """`ray job submit --no-wait` of `args`; returns the submission id."""
+    job_id = f"segpipe-test-{int(time.time() * 1000)}"
+    proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait",
+                           "--submission-id", job_id, "--working-dir", str(working_dir), "--runtime-env", str(runtime_env),
+                           "--", *args], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return job_id
+
+
+def wait_job(address: str, job_id: str, timeout: float = 600) -> tuple[str, str]:
+    """(final status, logs) of a submitted job."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(2)
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id],
+                          env=_env(), capture_output=True, text=True, timeout=120).stdout
+    return str(status), logs

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster.conftest import NS_HOST, NS_PEER, PASSWORD, basic, ray_ports
+from tests.cluster.conftest import NS_HOST, NS_PEER, PASSWORD, basic, ray_ports, submit_job, wait_job
 from tests.conftest import ROOT
 from tests.unit.test_readme import BIN, BLOCKS, runnable_script, substitutions, tiny_sets  # the helpers live beside the unit tests
 
@@ -45,7 +45,9 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
     strangers; the README's marked blocks run by bash in the copy; one `ray job submit` trains every
     family x seed with each run's two workers on the two hosts (its all-reduces cross the veth),
     logging to the server by its address with credentials; the runs, artifacts, checkpoints, DVC
-    outputs and report land where the README puts them."""
+    outputs and report land where the README puts them. Then, on the same cluster, a training job
+    with bad params (FAILED, one `error:` line) and a tune job (parent and trial runs, files through
+    the server's proxy)."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # for the state API / job client in this process (before Ray reads it)
     import psutil
     import ray.util.state
@@ -168,6 +170,38 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
         assert {p.name for p in (shared / "models").iterdir()} == {"unet-seed0.pt", "lraspp-seed0.pt"}
         comparison = json.loads((shared / "reports" / "comparison.json").read_text())
         assert "unet" in json.dumps(comparison) and "lraspp" in json.dumps(comparison)
+
+        # more jobs on the same cluster, submitted as the README's: a training with bad params (the
+        # job FAILED with the one `error:` line, no traceback) and a tune (its parent and trial runs
+        # in the tracking server, its files through the server's proxy)
+        sets = [f"mlflow.tracking_uri={murl}", f"data.dir={shared / 'data'}", f"ray.storage_path={shared / 'ray_results'}",
+                f"train.reports_dir={shared / 'reports'}", *tiny_sets()]
+        sets = sum((["-S", o] for o in sets), [])
+        bad = submit_job(ray_address, clone, tmp_path / "runtime_env.yaml",
+                         ["segpipe", "train", "--family", "unet", *sets, "-S", "train.batch_size=-3"])
+        tune = submit_job(ray_address, clone, tmp_path / "runtime_env.yaml", [
+            "segpipe", "tune", *sets, "-S", "tune.families=[unet]", "-S", "tune.space.unet={upsample: {grid: [transposed]}}",
+            "-S", "tune.max_epochs=1", "-S", "tune.grace_period=1", "-S", "tune.num_workers=1",
+            "-S", "tune.cpus_per_worker=0.9", "-S", "tune.max_concurrent_trials=1"])
+        bad_status, bad_logs = wait_job(ray_address, bad, timeout=120)
+        assert bad_status == "FAILED"
+        assert "error: bad params" in bad_logs and "train.batch_size" in bad_logs and "Traceback" not in bad_logs
+        tune_status, tune_logs = wait_job(ray_address, tune)
+        assert tune_status == "SUCCEEDED", tune_logs[-4000:]
+        assert "[unet] best:" in tune_logs, tune_logs[-3000:]
+        code, found = basic("/api/2.0/mlflow/runs/search", murl, {
+            "experiment_ids": [exp["experiment"]["experiment_id"]], "filter": "tags.stage LIKE 'tune%'"})
+        runs = found["runs"]
+        tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs}
+        assert sorted(t.get("stage") for t in tags.values()) == ["tune", "tune-trial"]  # one trial: the parent/child shape
+        parent = next(i for i, t in tags.items() if t["stage"] == "tune")
+        trial = next(r for r in runs if tags[r["info"]["run_id"]]["stage"] == "tune-trial")
+        assert tags[trial["info"]["run_id"]]["mlflow.parentRunId"] == parent
+        assert trial["info"]["status"] == "FINISHED" and tags[trial["info"]["run_id"]]["family"] == "unet"
+        assert any(m["key"] == "val/mIoU" for m in trial["data"]["metrics"])
+        code, arts = basic(f"/api/2.0/mlflow/artifacts/list?run_id={parent}", murl)
+        assert {"trials.csv", "best_config.json"} <= {f["path"] for f in arts.get("files", [])}
+        assert list((shared / "mlartifacts").rglob("trials.csv"))
     finally:
         for p in reversed(procs):
             _stop_tree(p)
