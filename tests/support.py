@@ -98,12 +98,15 @@ def _rest(url: str, path: str, body: dict | None = None) -> dict:
 
 class ActorTitles:
     """The `ray::<Actor>` process titles seen below this process while the block runs (sampled
-    every 0.2 s): which Ray actors a local run started."""
+    every 0.2 s): which Ray actors a local run started. `.pids[title]`: the processes of that
+    title started after the block began."""
 
     def __enter__(self):
         import threading
 
         self.seen: set[str] = set()
+        self.pids: dict[str, set[int]] = {}
+        self._since = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -119,7 +122,13 @@ class ActorTitles:
                 except psutil.Error:
                     continue
                 if title.startswith("ray::"):
-                    self.seen.add(title.split()[0].split(".")[0])
+                    name = title.split()[0].split(".")[0]
+                    self.seen.add(name)
+                    try:
+                        if child.create_time() >= self._since - 1:
+                            self.pids.setdefault(name, set()).add(child.pid)
+                    except psutil.Error:
+                        pass
             self._stop.wait(0.2)
 
     def __exit__(self, *exc):
