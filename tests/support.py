@@ -98,8 +98,8 @@ def _rest(url: str, path: str, body: dict | None = None) -> dict:
 
 class ActorTitles:
     """The `ray::<Actor>` process titles seen below this process while the block runs (sampled
-    every 0.2 s): which Ray actors a local run started. `.pids[title]`: the processes of that
-    title started after the block began."""
+    every 0.2 s; `with ActorTitles() as actors`): `actors.seen`, which Ray actors a local run
+    started; `actors.pids[title]`, the processes of that title started after the block began."""
 
     def __enter__(self):
         import threading
@@ -110,7 +110,7 @@ class ActorTitles:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
-        return self.seen
+        return self
 
     def _sample(self):
         import psutil

@@ -52,7 +52,7 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
     import psutil
     import ray.util.state
 
-    from tests.support import _env, _stop_tree, _wait_http
+    from tests.support import _env, _free_port, _stop_tree, _wait_http
 
     clone = tmp_path / "segpipe"
     _fresh_checkout(clone)
@@ -64,8 +64,6 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
     node_tmp = Path(tempfile.mkdtemp(prefix="rn2", dir="/tmp"))
     try:
         # the tracking server: README step 2, on the host's veth address, its store on /shared
-        from tests.support import _free_port
-
         mport = _free_port()
         (tmp_path / "pw").write_text(PASSWORD + "\n")
         mlog = tmp_path / "mlflow.log"
@@ -148,9 +146,11 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
         # each run's two workers on the two hosts (SPREAD), as Ray's state API knows them
         node_ips = {n.node_id: n.node_ip for n in ray.util.state.list_nodes(address=ray_address)}
         workers = ray.util.state.list_actors(address=ray_address, filters=[("class_name", "=", "RayTrainWorker")],
-                                             limit=1000)
-        per_node = sorted(node_ips[a.node_id] for a in workers)
-        assert per_node == [NS_HOST, NS_HOST, NS_PEER, NS_PEER], per_node
+                                             detail=True, limit=1000)  # detail: a dead actor's placement group
+        runs: dict[str, list[str]] = {}  # a run's workers share its placement group
+        for a in workers:
+            runs.setdefault(a.placement_group_id, []).append(node_ips[a.node_id])
+        assert len(runs) == 2 and all(sorted(ips) == [NS_HOST, NS_PEER] for ips in runs.values()), runs
 
         # the runs and their artifacts, read back through the server with credentials
         code, exp = basic("/api/2.0/mlflow/experiments/get-by-name?experiment_name=segpipe", murl)

@@ -39,18 +39,17 @@ def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, t
     p = load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path) + ["ray.num_workers=1", "ray.cpus_per_worker=0.5",
                                                                                  "seeds=[0]"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    sampler = ActorTitles()
-    with sampler as actors:
+    with ActorTitles() as actors:
         outcomes = train_all(p, progress=False)
     assert [(o.family, o.seed, o.error) for o in outcomes] == [(fam, 0, "") for fam in TINY]
     # a local Ray cannot be preempted: no preemption watcher process per run (the sampler saw the runs)
-    assert "ray::TrainController" in actors and "ray::RayTrainWorker" in actors, actors
-    assert "ray::PreemptionWatcher" not in actors, actors
+    assert "ray::TrainController" in actors.seen and "ray::RayTrainWorker" in actors.seen, actors.seen
+    assert "ray::PreemptionWatcher" not in actors.seen, actors.seen
     # the four concurrent runs share the process's one progress queue actor (made by an earlier
     # run of this process, or by one of these): no queue actor per run (pipeline.training.progress)
     from pipeline.training.progress import ProgressPrinter
 
-    assert len(sampler.pids.get("ray::_QueueActor", ())) <= 1 and ProgressPrinter._queue is not None, sampler.pids
+    assert len(actors.pids.get("ray::_QueueActor", ())) <= 1 and ProgressPrinter._queue is not None, actors.pids
     for o in outcomes:
         fam, summary, model = o.family, o.summary, TINY[o.family][0]
         run = client.get_run(summary["mlflow_run_id"])

@@ -168,11 +168,11 @@ def test_mlflow_servers_run_without_the_genai_job_runner_unless_asked(params_fil
 
 @pytest.mark.parametrize("codes, rc", [((1, 2), 1), ((2, 2), 2)])
 def test_failures_are_summed_up_in_one_error_line(monkeypatch, capsys, params_file, codes, rc):
-    """`segpipe train --all`'s summary of train --all outcomes (no Ray: job.train_all replaced by its outcomes):
-    every failed run named in one `error:` line; exit 2 only when every failure was bad input."""
+    """`segpipe train --all`'s summary of its runs' outcomes (no Ray: job.train_all replaced by the
+    outcomes): every failed run named in one `error:` line; exit 2 only when every failure was bad input."""
     import argparse
 
-    from pipeline.config import load_params
+    from pipeline.errors import UserError
     from pipeline.stages.train import run_all
     from pipeline.training import job
 
@@ -180,7 +180,7 @@ def test_failures_are_summed_up_in_one_error_line(monkeypatch, capsys, params_fi
                 job.RunOutcome("unet", 0, error="loss became NaN at epoch 1 step 2", exit_code=codes[0]),
                 job.RunOutcome("unet", 1, error="bad shard", exit_code=codes[1])]
     monkeypatch.setattr(job, "train_all", lambda p, progress=True: outcomes)
-    with pytest.raises(Exception) as err:
+    with pytest.raises(UserError) as err:
         run_all(load_params(params_file), argparse.Namespace(all=True, family=None, seed=None, quiet=True))
     assert str(err.value) == "2 of 3 runs failed: unet/seed0: loss became NaN at epoch 1 step 2; unet/seed1: bad shard"
     assert err.value.exit_code == rc
