@@ -111,7 +111,7 @@ def bench_pipeline(args, out: Path) -> dict:
     """Each DVC stage of the quickstart, timed twice in the same run: every stage on its own local Ray
     (the path before one shared Ray) and every stage joining one local Ray (`segpipe quickstart`)."""
     from pipeline.config import load_params
-    from pipeline.stages.quickstart import profile_overrides
+    from pipeline.profiles import profile_overrides
 
     bindir = Path(sys.executable).parent
     dvc = str(bindir / "dvc") if (bindir / "dvc").exists() else "dvc"

@@ -22,7 +22,7 @@ class ReferenceTrainTransform:
         from torchvision.transforms import v2
 
         from pipeline.data import transforms as D
-        from pipeline.training.engine import IMAGENET_MEAN, IMAGENET_STD
+        from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
         self.lo, self.hi = scale_min, scale_max
         self.flip, self.pad, self.crop = v2.RandomHorizontalFlip(), D.PadTo(crop), v2.RandomCrop(crop)

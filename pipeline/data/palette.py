@@ -12,8 +12,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
+from pipeline.data.voc import IGNORE_INDEX
 
-__all__ = ["VOC_PALETTE", "voc_palette", "save_mask_png"]
+__all__ = ["VOC_PALETTE", "voc_palette", "save_mask_png", "colorize", "overlay"]
 
 
 def voc_palette(n: int = 256) -> list[int]:
@@ -54,3 +55,17 @@ def save_mask_png(array, path) -> Path:
     with storage.atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    """HxW class ids (255 = void) -> HxWx3 uint8 in the VOC palette (void drawn in its cream)."""
+    pal = np.asarray(VOC_PALETTE, dtype=np.uint8).reshape(-1, 3)
+    return pal[mask.astype(np.int64).clip(0, 255)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """HxWx3 uint8 image with the non-background, non-void classes of `mask` blended in."""
+    out = image.astype(np.float32).copy()
+    sel = (mask != 0) & (mask != IGNORE_INDEX)
+    out[sel] = (1 - alpha) * out[sel] + alpha * colorize(mask)[sel].astype(np.float32)
+    return out.round().clip(0, 255).astype(np.uint8)

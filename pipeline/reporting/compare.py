@@ -11,7 +11,7 @@ from pipeline.data.loaders import load_manifest, shard_dir
 from pipeline.data.voc import VOC_CLASSES
 from pipeline.errors import UserError
 from pipeline.reporting.runs import NOT_A_SETTING, Group, mean_std, trained_with
-from pipeline.stages.quickstart import profile_anchors
+from pipeline.profiles import profile_anchors
 from seg_models import model_info
 
 METRICS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")

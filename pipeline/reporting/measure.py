@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.reporting.inference import predict_mask
+from pipeline.training.inference import predict_mask
 from pipeline.reporting.predict import load_run_checkpoint
 
 log = logging.getLogger(__name__)

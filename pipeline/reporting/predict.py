@@ -20,7 +20,8 @@ from pipeline.config import MAX_SIDE, MAX_SIDE_REASON, Params
 from pipeline.data.palette import save_mask_png
 from pipeline.data.voc import VOC_CLASSES
 from pipeline.errors import UserError
-from pipeline.reporting.inference import overlay, predict_mask
+from pipeline.data.palette import overlay
+from pipeline.training.inference import predict_mask
 from pipeline.system import pick_device
 from pipeline.tracking import CHECKPOINT_ARTIFACT, download_checkpoint, rehome_store, resolve_tracking_uri
 from pipeline.tracking.report import registry_run_id, run_eval_size, store_exists

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 def _collect(p: Params, say):
     """(client, uri, experiment, groups, left out, missing) from the tracking store; tags the chosen runs."""
-    from pipeline.reporting.runs import missing_runs, select_runs
+    from pipeline.reporting.runs import missing_runs, select_runs, to_groups
     from pipeline.tracking import mark_in_report
     from pipeline.tracking.report import load_records, open_store, train_runs
 
@@ -52,14 +52,14 @@ def _collect(p: Params, say):
         raise UserError(f"no finished train runs in MLflow experiment {p.mlflow.experiment!r} ({uri}) for families "
                         f"{sorted(p.families)} with seeds {p.seeds} on data.source={p.data.source}: "
                         "run `dvc repro` or `segpipe train --family <name> --seed <n>` first")
-    groups = load_records(c, exp.experiment_id, chosen, p)
+    groups = to_groups(load_records(c, exp.experiment_id, chosen, p))
     mark_in_report(c, exp.experiment_id, [r.info.run_id for r in chosen.values()])  # UI: tags.in_report = '1'
     say(f"report: {len(chosen)} runs ({len(groups)} families × seeds {p.seeds}) from {uri}")
     return c, uri, exp, groups, left_out, missing_runs(chosen, p)
 
 
 def _samples(p: Params, say) -> list:
-    from pipeline.reporting.inference import val_samples
+    from pipeline.training.inference import val_samples
 
     if not p.report.sample_images:
         return []
@@ -85,7 +85,7 @@ def _register(c, uri: str, groups, say) -> None:
 def _write(out_dir: Path, draw, summarise) -> tuple[dict, dict]:
     """Draw the figures and write comparison.json / comparison.md in a staging folder, then move them
     into out_dir (figures/ as a whole, then the JSON, then the Markdown). Returns (comparison, figures)."""
-    from pipeline.reporting.figures import FIGURES
+    from pipeline.figures.report import FIGURES
     from pipeline.reporting.markdown import render
     from pipeline.storage import swap_in
 
@@ -106,7 +106,7 @@ def _write(out_dir: Path, draw, summarise) -> tuple[dict, dict]:
 
 def build(p: Params, progress: bool = True) -> dict:
     """Collect, measure, register, draw and write. Returns the comparison.json content."""
-    from pipeline.reporting import figures
+    from pipeline.figures import report as figures
     from pipeline.reporting.compare import to_comparison, tuned_families
     from pipeline.reporting.measure import measure_groups
     from pipeline.system import device_name, pick_device

@@ -33,7 +33,7 @@ tune (Ctrl-C exits 130); --apply merges the best config into params.yaml without
 #
 # This module holds the arguments and the order of the steps; the work is in pipeline.tuning (space:
 # the search space; runner: the Tuner and the trial; asha: early stopping; results: rows and files;
-# apply: --apply), pipeline.tracking.tune (the MLflow runs) and pipeline.reporting.tune_figures (plots).
+# apply: --apply), pipeline.tracking.tune (the MLflow runs) and pipeline.figures.tune (plots).
 
 from __future__ import annotations
 

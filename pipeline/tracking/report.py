@@ -2,7 +2,7 @@
 runs and their logged models / confusion matrices, the Model Registry (register the best run,
 resolve ``models:/`` URIs) and the tune runs (trials, best configs).
 
-Returns plain data (:class:`pipeline.reporting.runs.RunRecord` / ``Group``, dicts); the choices made
+Returns plain data (:class:`pipeline.tracking.records.RunRecord`, dicts); the choices made
 on it (which runs are averaged, whether a family was tuned) live in ``pipeline.reporting``.
 """
 
@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.config import Params
 from pipeline.data.voc import NUM_CLASSES
 from pipeline.errors import UserError
-from pipeline.reporting.runs import NOT_A_SETTING, Group, RunRecord, parse_param
+from pipeline.tracking.records import NOT_A_SETTING, RunRecord, parse_param
 from pipeline.tracking.runs import search_runs
 from pipeline.tracking.store import client, preflight, resolve_tracking_uri
 
@@ -82,9 +82,9 @@ def read_confusion(c, run_id: str) -> np.ndarray | None:
     return cm if cm.shape == (NUM_CLASSES, NUM_CLASSES) else None
 
 
-def load_records(c, experiment_id: str, chosen: dict, p: Params) -> list[Group]:
-    """One Group per family of params.yaml with chosen runs (in params order), with each run's val
-    mIoU and img/s histories, confusion matrix and logged model id."""
+def load_records(c, experiment_id: str, chosen: dict, p: Params) -> list[tuple[str, list[RunRecord]]]:
+    """(family, its records) per family of params.yaml with chosen runs (in params order), with each
+    run's val mIoU and img/s histories, confusion matrix and logged model id."""
     models = logged_models(c, experiment_id)
     groups = []
     for fam in p.families:
@@ -102,11 +102,11 @@ def load_records(c, experiment_id: str, chosen: dict, p: Params) -> list[Group]:
             rec.cm = read_confusion(c, rec.run_id)
             recs.append(rec)
         if recs:
-            groups.append(Group(family=fam, model=recs[0].model, runs=recs))
+            groups.append((fam, recs))
     return groups
 
 
-def register_best(c, group: Group) -> dict | None:
+def register_best(c, group) -> dict | None:
     """segpipe-<family> -> a version from the best run's logged model, alias `best` on it (a
     version already aliased `best` for the same run is kept, so re-running adds no version)."""
     best = group.best

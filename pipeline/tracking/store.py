@@ -141,7 +141,8 @@ def rehome_store(uri: str, timeout: float = 10.0) -> int:
 
 
 # ----------------------------------------------------------------------------------- preflight
-_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "http_max_retries",
+# MLflow's HTTP retry variables and the mlflow.* knob each is set from (bounded_http_retries)
+HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "http_max_retries",
               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "http_backoff_factor",
               "MLFLOW_HTTP_REQUEST_TIMEOUT": "http_timeout_s"}
 
@@ -150,7 +151,7 @@ def bounded_http_retries(p: Params) -> dict[str, str]:
     """Export MLflow's retry settings from mlflow.http_* (an env var the user set wins). They are
     read by MLflow at each request, here and in the Ray workers this process starts."""
     out = {}
-    for env, key in _RETRY_ENV.items():
+    for env, key in HTTP_RETRY_ENV.items():
         if env not in os.environ:
             os.environ[env] = str(getattr(p.mlflow, key))
         out[env] = os.environ[env]

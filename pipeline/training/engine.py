@@ -16,23 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.training.metrics import confusion_matrix
+from pipeline.data.transforms import normalize_uint8
 from pipeline.data.voc import IGNORE_INDEX
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N x] 3 x H x W -> float32 (x / 255 - mean) / std with ImageNet's mean and std, on the
-    tensor's device, in two passes (v2.ToDtype + Normalize take three). The loaders of `segpipe
-    train` hand over uint8 batches (4x fewer bytes from the DataLoader workers and to the GPU) and
-    the step normalises them here."""
-    images = images.as_subclass(torch.Tensor)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1) * 255)
-    return (images.float() - mean).mul_(inv_std)
+from pipeline.training.metrics import confusion_matrix
 
 
 class NonFiniteLoss(RuntimeError):

@@ -25,10 +25,11 @@ from pipeline.config import Params, family_params
 from pipeline.data.loaders import load_manifest, verify_shards
 from pipeline.data.voc import NUM_CLASSES
 from pipeline.errors import UserError
-from pipeline.reporting.figures import confusion_png, prediction_grid
+from pipeline.figures.run import confusion_png, prediction_grid
 from pipeline.tracking import train as track
 from pipeline.training import dist as collective
 from pipeline.training import outputs
+from pipeline.training.inference import predict_images
 from pipeline.training.checkpoint import check_resume_checkpoints, load_checkpoint_model, save_model_file
 from pipeline.training.progress import ProgressPrinter, make_epoch_callback
 from pipeline.training.worker import WORKER_ERROR, train_loop_per_worker
@@ -212,7 +213,8 @@ def finish(job: Job, result, seconds: float) -> dict:
             confusion_png(cm, tmp / "confusion_matrix.png", title=f"{job.family} ({job.model}) val confusion matrix")
             outputs.write_confusion_csv(cm, tmp / "confusion_matrix.csv")
         if p.train.sample_images:
-            prediction_grid(model, p.data.dir, p.train.eval_size, p.train.sample_images, tmp / "predictions.png",
+            rows = predict_images(model, p.data.dir, p.train.eval_size, p.train.sample_images)
+            prediction_grid(rows, tmp / "predictions.png",
                             title=f"{job.family} ({job.model}): image | truth | prediction")
         files = sorted(f for f in tmp.iterdir() if not f.name.startswith("."))
         track.log_outputs(job.tracking_uri, job.run_id, [*files, epochs_csv], out_model, model, p.train.eval_size)

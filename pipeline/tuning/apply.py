@@ -21,7 +21,8 @@ from pipeline import storage
 from pipeline.config import Params, load_params
 from pipeline.errors import UserError
 from pipeline.tuning.results import out_dir
-from pipeline.tuning.space import TRAIN_KEYS, show
+from pipeline.display import show
+from pipeline.tuning.space import TRAIN_KEYS
 from seg_models import list_models, model_info
 
 

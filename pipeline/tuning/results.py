@@ -18,9 +18,10 @@ import yaml
 
 from pipeline import storage
 from pipeline.config import Params
-from pipeline.reporting.tune_figures import make_plots
+from pipeline.figures.tune import make_plots
 from pipeline.tracking import tune as tune_runs
-from pipeline.tuning.space import METRIC, TRAIN_KEYS, Space, apply_values, decode, show
+from pipeline.display import show
+from pipeline.tuning.space import METRIC, TRAIN_KEYS, Space, apply_values, decode
 
 log = logging.getLogger(__name__)
 FILES = ("trials.csv", "best_params.yaml", "best_config.json", "metrics.json")

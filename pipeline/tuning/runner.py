@@ -30,7 +30,8 @@ from pipeline.tracking import tune as tune_runs
 from pipeline.tuning import results
 from pipeline.tuning.results import trial_number
 from pipeline.tuning.asha import ASHA_STOPS, asha_scheduler, mark_asha_stop, restore_asha_rungs
-from pipeline.tuning.space import METRIC, Space, decode, expected_trials, param_space, show, trial_params, trial_splits
+from pipeline.display import show
+from pipeline.tuning.space import METRIC, Space, decode, expected_trials, param_space, trial_params, trial_splits
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from ray import tune
 
 from pipeline.config import FamilyParams, Params, TrainParams, family_params
 from pipeline.data.loaders import load_manifest
+from pipeline.display import show
 from pipeline.errors import UserError
 from pipeline.training.job import check_model
 from seg_models import FAMILIES, list_models, model_info
@@ -54,17 +55,6 @@ class Space:
 
 def family_of_model(model: str) -> Family:
     return FAMILIES.get(model_info(model)["family"], _NO_FAMILY) if model in list_models() else _NO_FAMILY
-
-
-def show(v: Any) -> str:
-    """A value as people read it: (6, 12, 18), 0.0123, parallel, n/a (None: does not apply)."""
-    if v is None:
-        return "n/a"
-    if isinstance(v, (list, tuple)):
-        return "(" + ", ".join(show(x) for x in v) + ")"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def _kind(value: Any) -> tuple[str, Any]:

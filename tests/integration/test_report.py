@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, SAMPLE_TAR, assert_user_error, run_cli
-from tests.integration.conftest import TRAINED_FAMILIES, TRAINED_SEEDS
-
-# one xdist worker runs this module and test_train_all.py (`make test` runs pytest -n 2 --dist
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.paths import ROOT, SAMPLE_TAR
+from tests.support.training import TRAINED_FAMILIES, TRAINED_SEEDS
 # loadgroup): they read the same session run set, and the module fixtures here are made once
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]
 
@@ -332,7 +331,7 @@ def test_tune_trials_give_a_tune_plot(tmp_path, params_file):
 
     from pipeline.config import load_params
     from pipeline.tracking.report import tune_trials
-    from pipeline.reporting.figures import tune_png
+    from pipeline.figures.report import tune_png
 
     p = load_params(params_file)
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -359,7 +358,7 @@ def test_report_averages_only_seeds_of_one_setting(tmp_path, params_file):
     batch) are not averaged with the untuned seeds; they are listed as left out with the keys that
     differ. Runs are made the way `segpipe train` makes them (tracking.start_run, real sqlite store)."""
     from pipeline.config import load_params
-    from pipeline.reporting.runs import select_runs
+    from pipeline.reporting.runs import select_runs, to_groups
     from pipeline.tracking import client, end_run, experiment_id, start_run
     from pipeline.tracking.report import train_runs
 
@@ -430,7 +429,7 @@ def test_recipe_profiles_validate_and_name_their_anchor(profile, params_file, tm
     """`segpipe quickstart --profile <p> --dry-run` validates the profile over params.yaml (models built
     on the meta device; weight files come from DVC's weights stage); each names its published figure."""
     from pipeline.config import load_params
-    from pipeline.stages.quickstart import profile_anchors, profile_overrides
+    from pipeline.profiles import profile_anchors, profile_overrides
 
     proc = run_cli("quickstart", "--profile", profile, "--dry-run", "-p", str(params_file), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -498,7 +497,7 @@ def test_tuned_mark_only_for_runs_trained_with_the_tuned_values(tmp_path, params
     from pipeline.config import load_params
     from pipeline.reporting.compare import to_comparison, tuned_families
     from pipeline.reporting.markdown import render
-    from pipeline.reporting.runs import select_runs
+    from pipeline.reporting.runs import select_runs, to_groups
     from pipeline.tracking import client, end_run, experiment_id, start_run
     from pipeline.tracking.report import load_records, train_runs, tune_best_configs, tune_trials
 
@@ -527,7 +526,7 @@ def test_tuned_mark_only_for_runs_trained_with_the_tuned_values(tmp_path, params
 
     def report() -> tuple[dict, str]:
         chosen, _ = select_runs(train_runs(c, exp), p)
-        groups = load_records(c, exp, chosen, p)
+        groups = to_groups(load_records(c, exp, chosen, p))
         trials = tune_trials(c, exp, p)
         tuned = tuned_families(groups, tune_best_configs(c, exp, p), trials)
         s = to_comparison(p, uri, SimpleNamespace(name="segpipe", experiment_id=exp), groups, "cpu", [], [],

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_user_error, run_cli, tree_snapshot
-from tests.conftest import free_port, mounted, no_debris, params
-
-
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.files import tree_snapshot
+from tests.support.files import mounted, no_debris, params
+from tests.support.procs import free_port
 def _train(params_file, d, uri, *extra):
     return run_cli("train", "-q", "-p", str(params_file), "-S", f"data.dir={d}", "-S", f"mlflow.tracking_uri={uri}",
                    "-S", f"ray.storage_path={d.parent / 'ray_results'}", "-S", "train.model=unet",
@@ -159,7 +159,7 @@ def test_bounded_retries_survive_a_short_outage(tmp_path, params_file, monkeypat
                               env={**os.environ, **tracking.server_env(p)})  # as segpipe ui starts it
     gate = _Gate(port)
     url = f"http://127.0.0.1:{gate.port}"
-    for env in tracking._RETRY_ENV:
+    for env in tracking.HTTP_RETRY_ENV:
         monkeypatch.delenv(env, raising=False)
     set_env = tracking.bounded_http_retries(p)
     assert set_env == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_params
-from tests.conftest import ROOT, assert_user_error, run_cli
-from tests.support import tiny_overrides
-
-# one xdist worker runs the whole module (`make test` runs pytest -n 2 --dist loadgroup): its
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.paths import ROOT
+from tests.support.training import tiny_overrides
 # module-scoped fixture is made once
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tune")]
 
@@ -318,7 +317,7 @@ def test_space_schema_and_joint_aspp_rates(tmp_path, synthetic_shards):
 def test_plots_heatmap_and_upsample_bars(tmp_path):
     """The DeepLabV3 heat map (atrous_rates x output_stride, one panel per aspp) and the FCN bars
     (upsampling method x variant) draw from trial rows."""
-    from pipeline.reporting.tune_figures import make_plots
+    from pipeline.figures.tune import make_plots
     from pipeline.tuning.space import Space
 
     rows = []
@@ -345,7 +344,7 @@ def test_plots_heatmap_and_upsample_bars(tmp_path):
 def test_plots_follow_the_searched_entries_not_the_family(tmp_path):
     """A UNet tune of lr only draws no upsample bars; one that searches upsample draws them (one bar
     per model), and a DeepLabV3 tune of lr only draws no heat map."""
-    from pipeline.reporting.tune_figures import make_plots
+    from pipeline.figures.tune import make_plots
     from pipeline.tuning.space import Space
 
     rows = [{"values": {"lr": 0.01 * (i + 1)}, "options": {"upsample": "transposed"}, "model": "unet",
@@ -397,8 +396,7 @@ def test_tune_split_is_carved_from_train_and_trials_select_on_it(tmp_path, param
     from pipeline.data.sources import fetch
     from pipeline.data.shards import preprocess
     from pipeline.tuning.space import trial_splits
-    from tests.conftest import tree_snapshot
-
+    from tests.support.files import tree_snapshot
     d = tmp_path / "data"
     opts = [f"data.dir={d}", "data.source=synthetic", "data.synthetic.train_count=12", "data.synthetic.val_count=3",
             "data.synthetic.size=32", "data.row_group_rows=5"]

@@ -4,9 +4,8 @@ import pytest
 import yaml
 
 from pipeline.config import ParamsError, apply_overrides, flatten, load_params
-from tests.conftest import ROOT, assert_user_error, run_cli
-
-
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.paths import ROOT
 def test_committed_params_are_the_full_recipe():
     p = load_params(ROOT / "params.yaml")
     assert p.data.source == "voc2012_aug"
@@ -90,7 +89,7 @@ def test_unknown_stage_is_a_user_error():
 
 
 def test_quickstart_profile_is_valid_over_params(params_file):
-    from pipeline.stages.quickstart import profile_overrides
+    from pipeline.profiles import profile_overrides
 
     overrides = profile_overrides("quickstart")
     p = load_params(params_file, overrides)

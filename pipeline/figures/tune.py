@@ -1,5 +1,6 @@
 """The plots of `segpipe tune` (<reports_dir>/tune/<family>/plots/ and the parent run's plots/), drawn
-from the trial rows of pipeline.tuning.results. Which plots: one `miou_vs_<entry>.png` per searched
+from the trial rows of pipeline.tuning.results and its search space (a ``pipeline.tuning.space.Space``,
+read by attribute: family, info, searched). Which plots: one `miou_vs_<entry>.png` per searched
 entry; `miou_by_rates_stride.png` (atrous_rates x output_stride, a panel per aspp) when atrous_rates
 or output_stride is searched; `miou_by_upsample.png` (best trial per upsampling method, grouped by
 variant or model) when upsample is searched. Chosen by what is searched, never by family name;
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.reporting.figures import plt  # matplotlib with the Agg backend chosen once
-from pipeline.tuning.space import Space, show
+from pipeline.display import show
+from pipeline.figures import plt
 from seg_models import model_info
 
 MARKERS = (("completed", "o"), ("early_stopped", "x"))
@@ -28,7 +29,7 @@ def option(r: dict, name: str):
     return info["defaults"][name]
 
 
-def make_plots(rows: list[dict], space: Space, outdir: Path) -> list[Path]:
+def make_plots(rows: list[dict], space, outdir: Path) -> list[Path]:
     done = [r for r in rows if r["val_mIoU"] is not None]
     color = space.info.color or None
     paths = [_versus(plt, done, space, hp, kind, arg, color, outdir / f"miou_vs_{hp}.png")
@@ -40,7 +41,7 @@ def make_plots(rows: list[dict], space: Space, outdir: Path) -> list[Path]:
     return paths
 
 
-def _versus(plt, done: list[dict], space: Space, hp: str, kind: str, arg, color, path: Path) -> Path:
+def _versus(plt, done: list[dict], space, hp: str, kind: str, arg, color, path: Path) -> Path:
     """val mIoU of each trial against one searched entry (a log axis for loguniform; categories with
     the best trial per value joined for choices and grids)."""
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
@@ -119,7 +120,7 @@ def _heatmap(plt, rows: list[dict], family: str, path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def _upsample_bars(plt, rows: list[dict], space: Space, path: Path) -> Path:
+def _upsample_bars(plt, rows: list[dict], space, path: Path) -> Path:
     """Best val mIoU per upsampling method, one bar per variant (a family with named variants) or model."""
     info = space.info
     names = {m: v for v, m in info.variants.items()}  # registry name -> variant (fcn8s_vgg16 -> 8s)

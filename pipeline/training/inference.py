@@ -1,7 +1,7 @@
 """Running a trained model on images: the eval-size prediction of one image, the val samples of the
-shards, the rows of a prediction grid, and the palette / overlay renderings of a mask (numpy only:
-the drawing itself is in :mod:`pipeline.reporting.figures`). Used by train (its grid artifact),
-report (the qualitative grid) and predict."""
+shards and the rows of a prediction grid (numpy out; the drawing is :mod:`pipeline.figures`, the
+palette renderings :mod:`pipeline.data.palette`). Used by train (its grid artifact), report (the
+qualitative grid) and predict."""
 
 from __future__ import annotations
 
@@ -11,22 +11,6 @@ from torchvision import tv_tensors
 
 from pipeline.data.loaders import ShardDataset, decode_image, decode_mask
 from pipeline.data.transforms import eval_transform
-from pipeline.data.palette import VOC_PALETTE
-from pipeline.data.voc import IGNORE_INDEX
-
-
-def colorize(mask: np.ndarray) -> np.ndarray:
-    """HxW class ids (255 = void) -> HxWx3 uint8 in the VOC palette (void drawn in its cream)."""
-    pal = np.asarray(VOC_PALETTE, dtype=np.uint8).reshape(-1, 3)
-    return pal[mask.astype(np.int64).clip(0, 255)]
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """HxWx3 uint8 image with the non-background, non-void classes of `mask` blended in."""
-    out = image.astype(np.float32).copy()
-    sel = (mask != 0) & (mask != IGNORE_INDEX)
-    out[sel] = (1 - alpha) * out[sel] + alpha * colorize(mask)[sel].astype(np.float32)
-    return out.round().clip(0, 255).astype(np.uint8)
 
 
 def predict_mask(model, image, eval_size: int) -> np.ndarray:
