@@ -101,11 +101,11 @@ class DataParams(_Strict):
                             "SegmentationClassAug folder: with a VOC source, fetch builds train_aug from it "
                             "(voc2012_aug then downloads no SBD); empty: SBD only via data.sbd_url for voc2012_aug")
     dir: str = Field(description="working data directory: raw/ and shards/ live under it")
-    voc_url: str
-    voc_md5: str
-    sbd_url: str
-    sbd_md5: str
-    download_timeout_s: float = Field(gt=0)
+    voc_url: str = Field(description="URL of the VOC2012 trainval tar (voc2012, voc2012_aug)")
+    voc_md5: str = Field(description="md5 of the VOC2012 trainval tar, checked before it is used")
+    sbd_url: str = Field(description="URL of SBD's benchmark.tgz (voc2012_aug without data.sbd_source)")
+    sbd_md5: str = Field(description="md5 of SBD's benchmark.tgz")
+    download_timeout_s: float = Field(gt=0, description="socket timeout of downloads, in seconds")
     synthetic: SyntheticParams
     row_group_rows: int = Field(ge=1, le=100, description="rows per Parquet row group (<= 100)")
     shard_max_mb: float = Field(gt=0, description="a shard is closed once it reaches this size")
@@ -161,10 +161,10 @@ class TrainParams(_Strict):
     SECTION = "train"
 
     model: str = Field(description="registry name (see `segpipe models`)")
-    model_options: dict[str, Any]
-    epochs: int = Field(ge=1)
+    model_options: dict[str, Any] = Field(description="options of train.model (they also override a family's options)")
+    epochs: int = Field(ge=1, description="training epochs")
     batch_size: int = Field(ge=1, description="per worker")
-    crop_size: int = Field(ge=16)
+    crop_size: int = Field(ge=16, description="side of the random crop of the train augmentation")
     eval_size: int = Field(ge=16, description="val images are padded/resized to this square size")
 
     @field_validator("crop_size", "eval_size")
@@ -173,23 +173,23 @@ class TrainParams(_Strict):
         if v > MAX_SIDE:
             raise ValueError(f"must be <= {MAX_SIDE}, got {v}: {MAX_SIDE_REASON}")
         return v
-    scale_min: float = Field(gt=0)
-    scale_max: float = Field(gt=0)
-    lr: float = Field(gt=0)
-    momentum: float = Field(ge=0, lt=1)
-    weight_decay: float = Field(ge=0)
+    scale_min: float = Field(gt=0, description="smallest random scale of the train augmentation")
+    scale_max: float = Field(gt=0, description="largest random scale of the train augmentation")
+    lr: float = Field(gt=0, description="SGD learning rate (for the global batch ray.num_workers x batch_size)")
+    momentum: float = Field(ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(ge=0, description="SGD weight decay")
     warmup_epochs: float = Field(ge=0, description="linear warmup before the poly schedule")
-    poly_power: float = Field(gt=0)
+    poly_power: float = Field(gt=0, description="power of the poly LR decay after the warmup")
     bn_momentum: float | None = Field(gt=0, le=1, description="override every BatchNorm's momentum (None: the model's own)")
     aux_weight: float = Field(ge=0, description="weight of the aux loss where the model has one")
     aux_lr_mult: float = Field(gt=0, description="lr multiplier of the aux classifier (torchvision's recipe: 10)")
-    amp: Literal["auto", "bf16", "fp16", "off"]
-    channels_last: bool
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(description="auto: bf16, else fp16 on GPU; off on CPU")
+    channels_last: bool = Field(description="channels_last memory format")
     grad_clip: float = Field(ge=0, description="max grad norm; 0 = off")
     eval_every: int = Field(ge=1, description="evaluate every N epochs (and after the last)")
     loader_workers: int = Field(ge=0, description="DataLoader processes per Ray worker")
     max_failures: int = Field(ge=0, description="worker-group restarts from the last checkpoint")
-    resume: bool
+    resume: bool = Field(description="continue the latest run of this family/model/seed")
     models_dir: str = Field(description="where <family>-seed<N>.pt is written")
     reports_dir: str = Field(description="where metrics/<family>-seed<N>.json, the epoch CSV and the comparison report go")
     sample_images: int = Field(ge=0, description="val images in the MLflow prediction grid")
@@ -206,8 +206,8 @@ NOT_PER_FAMILY = ("model", "model_options", "resume", "models_dir", "reports_dir
 
 
 class FamilyParams(_Strict):
-    model: str
-    options: dict[str, Any] = Field(default_factory=dict)
+    model: str = Field(description="the family's model (a registry name, see `segpipe models`)")
+    options: dict[str, Any] = Field(default_factory=dict, description="its model options")
     train: dict[str, Any] = Field(default_factory=dict, description="this family's overrides of the shared `train` "
                                   "block (e.g. tuned lr / weight_decay, written by `segpipe tune --apply`)")
 
@@ -245,8 +245,8 @@ def family_params(p: "Params", family: str) -> "Params":
 class MlflowParams(_Strict):
     SECTION = "mlflow"
 
-    tracking_uri: str
-    experiment: str
+    tracking_uri: str = Field(description="MLflow tracking store (MLFLOW_TRACKING_URI wins when set)")
+    experiment: str = Field(description="MLflow experiment the runs are logged to")
     # an http(s) tracking server: MLflow's own retries (MLFLOW_HTTP_REQUEST_* env vars, which win
     # when set), bounded so a short outage is survived and a dead server fails in minutes, not hours
     http_max_retries: int = Field(ge=0, le=10, description="retries of a failed tracking request")
@@ -261,11 +261,11 @@ class MlflowParams(_Strict):
 class RayParams(_Strict):
     SECTION = "ray"
 
-    address: str
-    num_workers: int = Field(ge=1)
-    use_gpu: Literal["auto", True, False]
-    cpus_per_worker: float = Field(gt=0)
-    storage_path: str
+    address: str = Field(description="empty: start a local Ray; auto or ray://...: join a cluster (RAY_ADDRESS also works)")
+    num_workers: int = Field(ge=1, description="Ray Train workers per training run (one GPU each with GPUs)")
+    use_gpu: Literal["auto", True, False] = Field(description="auto: GPUs when the cluster has them")
+    cpus_per_worker: float = Field(gt=0, description="CPUs each Ray Train worker reserves")
+    storage_path: str = Field(description="Ray checkpoints and Tune results (a shared path or URI on a cluster)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         description="Ray Train worker placement: PACK fills a node first; SPREAD one worker per node where it can")
 
@@ -324,7 +324,7 @@ class TuneParams(_Strict):
     search_alg: Literal["random", "optuna"] = Field(description="random: grid entries crossed, the rest "
                                                     "sampled; optuna: TPE (grid entries become choices)")
     num_samples: int = Field(ge=1, description="random: repeats of the grid (each with fresh samples); optuna: trials")
-    max_concurrent_trials: int = Field(ge=1)
+    max_concurrent_trials: int = Field(ge=1, description="trials at once")
     max_epochs: int = Field(ge=1, description="epochs of a trial that is never stopped (ASHA max_t)")
     grace_period: int = Field(ge=1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: int = Field(ge=2, description="ASHA: keep the top 1/reduction_factor at each rung")
@@ -362,11 +362,11 @@ class Params(_Strict):
 
     profile: str = Field(description="the recipe profile these params come from (profiles/<name>.yaml; "
                          "`segpipe quickstart --profile` sets it): tagged on every run, its published anchors in the report")
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, description="the run's seed when `segpipe train` gets no --seed")
     seeds: list[int] = Field(description="DVC's train matrix runs families x seeds")
     data: DataParams
     train: TrainParams
-    families: dict[str, FamilyParams]
+    families: dict[str, FamilyParams] = Field(description="family -> its model, options and train overrides")
     mlflow: MlflowParams
     ray: RayParams
     tune: TuneParams
