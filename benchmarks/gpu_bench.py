@@ -40,6 +40,7 @@ import yaml  # noqa: E402
 from benchmarks.common import goal, machine_info, report, write_json  # noqa: E402  (stdlib + pipeline.system)
 from pipeline.training import engine  # noqa: E402  (torch only)
 from pipeline.training.setup import build  # noqa: E402  (torch + seg_models only)
+from pipeline.training.spec import WorkerSpec  # noqa: E402  (stdlib only)
 from seg_models import FAMILIES, build_model, model_info  # noqa: E402  (torch + torchvision only)
 
 PARAMS = ROOT / "params.yaml"
@@ -52,7 +53,7 @@ def recipe(params_path: Path = PARAMS) -> tuple[dict, dict]:
     p = yaml.safe_load(Path(params_path).read_text())
     families = {f: (v["model"], {k: o for k, o in (v.get("options") or {}).items() if k != "backbone_weights"})
                 for f, v in p["families"].items()}
-    return families, p.get("train", {})
+    return families, p["train"]
 
 
 def plan_rows(families: dict) -> list[tuple]:
@@ -90,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-md", action="store_true", help="do not rewrite bench.md beside --out")
     args = ap.parse_args(argv)
     _, train = recipe()
-    args.batch_size = args.batch_size or (2 if args.quick else train.get("batch_size", 8))
-    args.crop = args.crop or (64 if args.quick else train.get("crop_size", 513))
+    args.batch_size = args.batch_size or (2 if args.quick else train["batch_size"])
+    args.crop = args.crop or (64 if args.quick else train["crop_size"])
     args.steps = args.steps or (2 if args.quick else 20)
     args.warmup = args.warmup or (1 if args.quick else 5)
     args.rounds = 1 if args.quick else max(1, args.rounds)
@@ -115,9 +116,11 @@ class Runner:
             torch.cuda.reset_peak_memory_stats()
         self.params = sum(p.numel() for p in model.parameters())
         _, train = recipe()
-        cfg = {**train, "amp": args.amp, "channels_last": cl, "bn_momentum": None, "epochs": 1, "warmup_epochs": 0}
+        spec = WorkerSpec.from_mapping(
+            {**train, "amp": args.amp, "channels_last": cl, "bn_momentum": None, "epochs": 1, "warmup_epochs": 0},
+            model="", options={}, seed=0, data_dir="", train_split="train", val_split="val", threads=1)
         # the set-up `segpipe train` builds (optimizer groups, poly LR, scaler, AMP, channels_last)
-        self.setup = build(cfg, device, 10**6, model=model, wrap=torch.compile if compiled else None)
+        self.setup = build(spec, device, 10**6, model=model, wrap=torch.compile if compiled else None)
         gen = torch.Generator(device=device).manual_seed(0)
         self.x = torch.randn(args.batch_size, 3, args.crop, args.crop, device=device, generator=gen)
         if cl:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from benchmarks.common import Scratch, goal, median, report
 from benchmarks.data import make_shards, make_voc, start_local_ray
+from pipeline.config import default_params
 from pipeline.training.setup import build_loaders
+from pipeline.training.spec import WorkerSpec
 
 
 class ReferenceTrainTransform:
@@ -134,20 +136,22 @@ def bench_loader(args, out: Path) -> dict:
         make_shards(work / "voc", work / "data")
         print(f"data: {n} train images 500x375 (VOC layout + shards) in {time.perf_counter() - t0:.1f}s; "
               f"batch {batch}, crop {crop}, {workers} DataLoader worker(s), {rounds} round(s)", flush=True)
-        cfg = {"data_dir": str(work / "data"), "crop_size": crop, "eval_size": crop, "scale_min": scale[0],
-               "scale_max": scale[1], "seed": 0, "batch_size": batch, "loader_workers": workers}
+        # the spec `segpipe train` hands its workers (params.yaml's train block), at this benchmark's sizes
+        cfg = WorkerSpec.from_params(default_params(), model="", options={}, data_dir=str(work / "data")).replace(
+            crop_size=crop, eval_size=crop, scale_min=scale[0], scale_max=scale[1], seed=0, batch_size=batch,
+            loader_workers=workers)
         tv_ds = VOCSegmentation(str(work / "voc"), year="2012", image_set="train",
                                 transforms=PILPair(reference_train_transform(crop, *scale)))
         tv_loader = DataLoader(tv_ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, pin_memory=pin)
 
         def before(epoch):
-            ds = ShardDataset(cfg["data_dir"], "train", reference_train_transform(crop, *scale))
+            ds = ShardDataset(cfg.data_dir, "train", reference_train_transform(crop, *scale))
             sampler = BlockShuffleSampler(ds, seed=0)
             sampler.set_epoch(epoch)
             return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True, pin_memory=pin)
 
         def fused_float(epoch):
-            ds = ShardDataset(cfg["data_dir"], "train", train_transform(crop, *scale))
+            ds = ShardDataset(cfg.data_dir, "train", train_transform(crop, *scale))
             sampler = BlockShuffleSampler(ds, seed=0)
             sampler.set_epoch(epoch)
             return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True, pin_memory=pin)
@@ -208,7 +212,7 @@ def bench_loader(args, out: Path) -> dict:
                   extra={"rates": rates, "cpu_rates": cpu_rates, "ray_data": ray_row})
 
 
-def _ray_data_rate(cfg: dict, work: Path, batch: int, crop: int, scale, workers: int, rounds: int) -> dict:
+def _ray_data_rate(cfg, work: Path, batch: int, crop: int, scale, workers: int, rounds: int) -> dict:
     cpus = max(2, workers)
     t0 = time.perf_counter()
     ray, owned = start_local_ray(cpus, work / "ray")
@@ -220,7 +224,7 @@ def _ray_data_rate(cfg: dict, work: Path, batch: int, crop: int, scale, workers:
 
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        ds = ray_dataset(cfg["data_dir"], "train").map_batches(AugmentBatch(crop, *scale), batch_size=batch)
+        ds = ray_dataset(cfg.data_dir, "train").map_batches(AugmentBatch(crop, *scale), batch_size=batch)
         ray_cpus = ray.cluster_resources().get("CPU", cpus)
         rates, firsts = [], []
         for r in range(rounds + 1 if rounds > 1 else 1):  # a first pass warms Ray Data up (workers, imports)

@@ -30,18 +30,18 @@ def _epoch_log(path: str):
     return EpochLog()
 
 
-def _plain_loop(cfg: dict, threads: int) -> dict:
+def _plain_loop(spec, threads: int) -> dict:
     """The same work as train_loop_per_worker with 1 worker (pipeline.training.setup.build), without Ray:
     one process, no DDP."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()
-        loader, _ = build_loaders(cfg, 0, 1, 0)
-        s = build(cfg, torch.device("cpu"), len(loader))  # the worker's set-up, without DDP
+        loader, _ = build_loaders(spec, 0, 1, 0)
+        s = build(spec, torch.device("cpu"), len(loader))  # the worker's set-up, without DDP
         rates, steps = [], []
-        for epoch in range(cfg["epochs"]):
-            loader, _ = build_loaders(cfg, 0, 1, epoch)
+        for epoch in range(spec.epochs):
+            loader, _ = build_loaders(spec, 0, 1, epoch)
             stats = engine.train_epoch(s.model, loader, s.optimizer, s.scheduler, s.scaler, s.opts, epoch + 1)
             rates.append(stats["img_per_s"])
             steps.append(stats["steps"])
@@ -54,7 +54,8 @@ def bench_ray(args, out: Path) -> dict:
     from pipeline.config import DataParams, Params, RayParams, SyntheticParams, TrainParams
     from pipeline.data.sources import fetch
     from pipeline.data.shards import preprocess
-    from pipeline.training.job import Job, fit, worker_config
+    from pipeline.training.job import Job, fit
+    from pipeline.training.spec import WorkerSpec
 
     n = args.images or (16 if args.quick else 64)
     epochs = args.epochs or (2 if args.quick else 4)
@@ -87,14 +88,13 @@ def bench_ray(args, out: Path) -> dict:
             request = min(float(threads), max(0.1, (ray_cpus[0] - 1) / workers))
             p.ray = RayParams(num_workers=workers, cpus_per_worker=request, use_gpu=False,
                               storage_path=str(work / "ray_results"))
-            return Job(family="bench", model=model, options={}, params=p, tracking_uri="",
-                       storage_path=str(work / "ray_results"), ray_name=f"bench-{workers}w-{time.time_ns()}",
-                       extra_config={"threads": threads})
+            spec = WorkerSpec.from_params(p, model=model, options={}, data_dir=str(data)).replace(threads=threads)
+            return Job(family="bench", model=model, options={}, params=p, tracking_uri="", spec=spec,
+                       storage_path=str(work / "ray_results"), ray_name=f"bench-{workers}w-{time.time_ns()}")
 
         print(f"{model}, {n} images at {crop}px, batch {batch}/worker, {epochs} epochs, {threads} torch thread(s) per "
               f"process, {cores} cores", flush=True)
-        cfg = worker_config(job_for(1))
-        runs["plain"] = [_plain_loop(cfg, threads)]
+        runs["plain"] = [_plain_loop(job_for(1).spec, threads)]
         print(f"  plain loop: {[round(v, 1) for v in runs['plain'][0]['img_per_s']]} img/s per epoch", flush=True)
         t0 = time.perf_counter()
         ray, owned = start_local_ray(max(2, cores) + 1, work / "rt")  # +1: room for Ray Train's controller
@@ -113,7 +113,7 @@ def bench_ray(args, out: Path) -> dict:
         finally:
             if owned:
                 ray.shutdown()
-        runs["plain"].append(_plain_loop(cfg, threads))  # again after: the baseline brackets the Ray runs
+        runs["plain"].append(_plain_loop(job_for(1).spec, threads))  # again after: the baseline brackets the Ray runs
         print(f"  plain loop: {[round(v, 1) for v in runs['plain'][1]['img_per_s']]} img/s per epoch", flush=True)
     steady = lambda xs: xs[1:] if len(xs) > 1 else xs  # the first epoch warms up
     plain_rates = [v for r in runs["plain"] for v in steady(r["img_per_s"])]

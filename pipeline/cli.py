@@ -60,7 +60,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this call, e.g. -S train.epochs=2 -S data.source=sample "
                              "(value parsed as YAML, as `dvc exp run -S`); repeatable")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress lines (only warnings and the error line): the same for every stage")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.stage:
             parser.print_help()
             return 2
+        if args.quiet:  # every stage's progress goes through the `pipeline` logger
+            logging.getLogger("pipeline").setLevel(logging.WARNING)
         module = importlib.import_module(STAGES[args.stage])
         needs_params = getattr(module, "NEEDS_PARAMS", True)
         params = None

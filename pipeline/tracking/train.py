@@ -1,5 +1,5 @@
-"""The MLflow side of `segpipe train`: open (or re-open, train.resume) the run, read its metric
-history back, log the run's files and the model at the end.
+"""The MLflow side of `segpipe train`: open (or re-open, train.resume) the run, log the
+run's files and the model at the end.
 
 Names (contract, see docs/architecture.md): a run per family x seed with stage=train tags
 (pipeline.tracking.runs.start_run), metrics train/loss, train/lr, train/img_per_s, val/mIoU,
@@ -22,8 +22,6 @@ from pipeline.storage import REPO
 from pipeline.tracking.runs import CHECKPOINT_ARTIFACT, start_run
 from pipeline.tracking.store import client, fluent_uri
 
-HISTORY_KEYS = ("train/loss", "train/lr", "train/img_per_s", "val/mIoU", "val/pixel_acc", "val/mean_acc", "val/fwIoU")
-
 
 def open_run(job) -> str:
     """The MLflow run of `job` (a pipeline.training.job.Job with storage_path and ray_name set):
@@ -39,16 +37,6 @@ def open_run(job) -> str:
                        extra_tags={"train_split": "train", "eval_split": "val"})
     storage.write_text(marker, json.dumps({"mlflow_run_id": run_id}) + "\n")
     return run_id
-
-
-def metric_history(uri: str, run_id: str, keys=HISTORY_KEYS) -> dict[int, dict[str, float]]:
-    """step (epoch) -> {metric: value} of the run's logged history."""
-    c = client(uri)
-    history: dict[int, dict[str, float]] = {}
-    for key in keys:
-        for m in c.get_metric_history(run_id, key):
-            history.setdefault(m.step, {})[key] = m.value
-    return history
 
 
 def log_outputs(uri: str, run_id: str, files: list[Path], model_file: Path, model: torch.nn.Module,

@@ -85,16 +85,19 @@ def load_checkpoint_model(path: str | Path):
     return model.eval(), state
 
 
-def save_state(path: Path, s: Setup, epoch: int, cfg: dict) -> None:
-    """The per-epoch training state (rank 0 writes it into the Ray checkpoint directory)."""
+def save_state(path: Path, s: Setup, epoch: int, spec, history: dict[int, dict[str, float]]) -> None:
+    """The per-epoch training state (rank 0 writes it into the Ray checkpoint directory), with the
+    run's epoch history so far (a resumed run returns every epoch, not only its own)."""
     torch.save({"model": s.core.state_dict(), "optimizer": s.optimizer.state_dict(),
                 "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(), "epoch": epoch,
-                "model_name": cfg["model"], "options": cfg["options"],
+                "history": history,
+                "model_name": spec.model, "options": dict(spec.options),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, path)
 
 
 def restore_state(s: Setup, state: dict) -> int:
-    """Put a state.pt back into the set-up (and the RNGs); returns the epochs already done."""
+    """Put a state.pt back into the set-up (and the RNGs); returns the epochs already done (the
+    epoch history is ``state["history"]``)."""
     s.core.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])

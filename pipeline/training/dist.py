@@ -25,7 +25,6 @@ import ray
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _TorchBackend
 
 
 def ensure_process_group() -> None:
@@ -75,15 +74,20 @@ def _pin_gloo_interface() -> str | None:
 
 def torch_config(backend: str):
     """Ray's TorchConfig(backend=...) whose set-up first pins gloo to the Ray node's interface
-    (a no-op for NCCL, which picks its interfaces itself; NCCL_SOCKET_IFNAME when it must not)."""
-    class _Backend(_TorchBackend):
-        def on_start(self, worker_group, backend_config):
-            worker_group.execute(_pin_gloo_interface)
-            super().on_start(worker_group, backend_config)
+    (a no-op for NCCL, which picks its interfaces itself; NCCL_SOCKET_IFNAME when it must not).
+    Extends whatever backend TorchConfig names (BackendConfig.backend_cls, Backend.on_start: Ray
+    Train's backend hooks), without naming Ray's private backend class."""
 
-    class _Config(TorchConfig):
+    class PinnedGlooConfig(TorchConfig):
         @property
         def backend_cls(self):
-            return _Backend
+            base = super().backend_cls
 
-    return _Config(backend=backend)
+            class PinnedGlooBackend(base):
+                def on_start(self, worker_group, backend_config):
+                    worker_group.execute(_pin_gloo_interface)
+                    super().on_start(worker_group, backend_config)
+
+            return PinnedGlooBackend
+
+    return PinnedGlooConfig(backend=backend)

@@ -7,12 +7,14 @@ TorchTrainer (also used by every Ray Tune trial and by `segpipe bench ray`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -31,6 +33,7 @@ from pipeline.training import dist as collective
 from pipeline.training import outputs
 from pipeline.training.inference import predict_images
 from pipeline.training.checkpoint import check_resume_checkpoints, load_checkpoint_model, save_model_file
+from pipeline.training.spec import WorkerSpec
 from pipeline.training.progress import ProgressPrinter, make_epoch_callback
 from pipeline.training.worker import WORKER_ERROR, train_loop_per_worker
 from seg_models import build_model, list_models, model_info
@@ -44,20 +47,25 @@ class TrainingFailed(UserError):
     exit_code = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """Everything a training run needs, resolved and validated on the driver."""
+    """Everything a training run needs, resolved and validated on the driver: the validated params
+    (the family's train block merged) and the WorkerSpec its workers get. Immutable: the steps of a
+    run (where its checkpoints go, its MLflow run) derive a new Job with :meth:`with_`."""
 
     family: str
     model: str
     options: dict
     params: Params
     tracking_uri: str
+    spec: WorkerSpec
     run_id: str = ""
     storage_path: str = ""
     ray_name: str = ""
-    extra_config: dict = field(default_factory=dict)
     label: str = ""  # progress-line prefix (train --all: <family>/seed<N>); default the family
+
+    def with_(self, **changes) -> "Job":
+        return dataclasses.replace(self, **changes)
 
 
 def resolve_job(p: Params, family: str | None) -> Job:
@@ -72,7 +80,8 @@ def resolve_job(p: Params, family: str | None) -> Job:
         model, options = p.train.model, dict(p.train.model_options)
     check_model(model, options, where=f"families.{family}.model" if family else "train.model")
     fam = family or model_info(model)["family"]
-    return Job(family=fam, model=model, options=options, params=p,
+    spec = WorkerSpec.from_params(p, model=model, options=options, data_dir=storage.resolve(p.data.dir))
+    return Job(family=fam, model=model, options=options, params=p, spec=spec,
                tracking_uri=tracking.resolve_tracking_uri(p.mlflow.tracking_uri))
 
 
@@ -103,20 +112,6 @@ def preflight(p: Params) -> None:
         verify_shards(p.data.dir)  # every shard against manifest.json, before Ray
 
 
-def worker_config(job: Job) -> dict:
-    p, t = job.params, job.params.train
-    return {
-        "model": job.model, "options": job.options, "seed": p.seed, "data_dir": storage.resolve(p.data.dir),
-        "epochs": t.epochs, "batch_size": t.batch_size, "crop_size": t.crop_size, "eval_size": t.eval_size,
-        "scale_min": t.scale_min, "scale_max": t.scale_max, "lr": t.lr, "momentum": t.momentum,
-        "weight_decay": t.weight_decay, "warmup_epochs": t.warmup_epochs, "poly_power": t.poly_power,
-        "aux_weight": t.aux_weight, "aux_lr_mult": t.aux_lr_mult, "bn_momentum": t.bn_momentum, "amp": t.amp,
-        "channels_last": t.channels_last, "grad_clip": t.grad_clip, "eval_every": t.eval_every,
-        "loader_workers": t.loader_workers, "threads": max(1, int(p.ray.cpus_per_worker)),
-        **job.extra_config,
-    }
-
-
 def ray_init(p: Params) -> bool:
     """Ray for this command: ray.address / RAY_ADDRESS, else a local one (system.ray_init)."""
     return system.ray_init(p.ray.address)
@@ -142,7 +137,7 @@ def fit(job: Job, callbacks: list | None = None):
     gpu = use_gpu(p)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(job),
+        train_loop_config=job.spec,
         torch_config=collective.torch_config("nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=p.ray.num_workers, use_gpu=gpu, placement_strategy=p.ray.placement_strategy,
                                      resources_per_worker={"CPU": p.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
@@ -170,21 +165,21 @@ def train(p: Params, family: str | None = None, progress: bool = True, *, label:
     """One run. `label` prefixes its progress lines (default the family); `checked`: train_all
     already checked the data, the store and the shards once for every run."""
     job = resolve_job(p, family)
-    job.label = label
     p = job.params  # with the family's own train block merged
     if not checked:
         preflight(p)
-    job.storage_path = storage.resolve(p.ray.storage_path)  # local/shared path or s3://, gs://
-    job.ray_name = ray_run_name(job, job.storage_path)
+    storage_path = storage.resolve(p.ray.storage_path)  # local/shared path or s3://, gs://
+    job = job.with_(label=label, storage_path=storage_path, ray_name=ray_run_name(job, storage_path))
     if p.train.resume:
         check_resume_checkpoints(job.storage_path, job.ray_name)
-    job.run_id = track.open_run(job)
+    job = job.with_(run_id=track.open_run(job))
     log.info(f"[{job.label or job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}")
     started = time.time()
     with tracking.ending_run(job.tracking_uri, job.run_id):
         ray_init(p)
         try:
-            with ProgressPrinter() as queue:
+            # -q: no progress channel at all (no queue actor, no printing thread)
+            with (ProgressPrinter() if progress else contextlib.nullcontext()) as queue:
                 result = fit(job, callbacks=[make_epoch_callback(job, queue)])
         except Exception as exc:
             failure = _worker_failure(exc)
@@ -204,7 +199,7 @@ def finish(job: Job, result, seconds: float) -> dict:
     stem = outputs.output_stem(job.family, p.seed)
     out_model = save_model_file(Path(p.train.models_dir) / f"{stem}.pt", model_name=job.model, options=job.options,
                                 state=state, run_id=job.run_id, eval_size=p.train.eval_size)
-    history = track.metric_history(job.tracking_uri, job.run_id)
+    history = {int(k): v for k, v in (result.return_value or {}).items()}  # what the run itself returned
     summary = outputs.summarize(job, final, history, seconds)
     epochs_csv = outputs.write_metrics(Path(p.train.reports_dir) / "metrics", stem, summary, history)
     with tempfile.TemporaryDirectory() as tmp:

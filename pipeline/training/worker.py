@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import ray.train
+import ray.util
 import ray.train.torch
 import torch
 
@@ -25,32 +26,40 @@ from pipeline.training import engine
 from pipeline.training.checkpoint import load_state, restore_state, save_state
 from pipeline.training.metrics import scores
 from pipeline.training.setup import Setup, build, build_loaders
+from pipeline.training.spec import WorkerSpec
 
 # A worker's error the driver turns into one `error:` line (Ray wraps worker exceptions).
 WORKER_ERROR = "segpipe-user-error: "
+# Reported with every epoch: the hex id of the placement group the workers run in (the tune's
+# driver frees a stopped trial's group with it: pipeline.tuning.runner.release_placement_group).
+PLACEMENT_GROUP_KEY = "placement_group"
 
 
-def _restore(s: Setup, device: torch.device) -> int:
-    """Resume from Ray's latest checkpoint (a restarted worker group, train.resume): epochs done."""
+def _restore(s: Setup, device: torch.device) -> tuple[int, dict]:
+    """Resume from Ray's latest checkpoint (a restarted worker group, train.resume): (epochs done,
+    the epoch history so far)."""
     ckpt = ray.train.get_checkpoint()
     if not ckpt:
-        return 0
+        return 0, {}
     with ckpt.as_directory() as d:
         try:
             state = load_state(Path(d) / "state.pt", map_location=device)
         except UserError as exc:  # the driver checked it before Ray started; a swap since then lands here
             raise RuntimeError(f"{WORKER_ERROR}{exc}") from None
-    return restore_state(s, state)
+    return restore_state(s, state), dict(state.get("history") or {})
 
 
-def _epoch_metrics(s: Setup, cfg: dict, epoch: int, stats: dict, val_loader) -> dict:
+def _epoch_metrics(s: Setup, spec: WorkerSpec, epoch: int, stats: dict, val_loader) -> dict:
     """The reduced metrics of one epoch (every collective on the training device, at every world size)."""
     device = s.opts.device
     sums = collective.all_reduce(torch.tensor([stats["loss"] * stats["images"], stats["images"], stats["img_per_s"]],
                                               dtype=torch.float64), device)
     metrics = {"epoch": epoch + 1, "train/loss": float(sums[0] / max(1.0, float(sums[1]))),
                "train/lr": stats["lr"], "train/img_per_s": float(sums[2])}
-    if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        metrics[PLACEMENT_GROUP_KEY] = group.id.hex()
+    if (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs:
         # the unwrapped module: no DDP buffer sync, so a rank without val batches hangs nobody
         cm = collective.all_reduce(engine.evaluate(s.core, val_loader, s.opts, NUM_CLASSES), device)
         metrics.update({f"val/{k}": v for k, v in scores(cm).items()})
@@ -58,27 +67,33 @@ def _epoch_metrics(s: Setup, cfg: dict, epoch: int, stats: dict, val_loader) -> 
     return metrics
 
 
-def train_loop_per_worker(cfg: dict) -> None:
-    """Runs in every Ray Train worker (also inside each Ray Tune trial)."""
+def train_loop_per_worker(spec: WorkerSpec) -> dict[int, dict[str, float]] | None:
+    """Runs in every Ray Train worker (also inside each Ray Tune trial); `spec` is the run's
+    WorkerSpec (Ray's train_loop_config). Rank 0 returns the run's epoch history (epoch -> the
+    scalar train/ and val/ metrics; Ray's ``Result.return_value``): the driver writes the DVC epoch
+    CSV from it, not from the tracking server."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg["threads"])
+    torch.set_num_threads(spec.threads)
     device = ray.train.torch.get_device()
-    train_loader, _ = build_loaders(cfg, rank, world, 0)
-    s = build(cfg, device, len(train_loader), sync_bn=device.type == "cuda", wrap=ray.train.torch.prepare_model)
-    start_epoch = _restore(s, device)
-    for epoch in range(start_epoch, cfg["epochs"]):
-        train_loader, val_loader = build_loaders(cfg, rank, world, epoch)
+    train_loader, _ = build_loaders(spec, rank, world, 0)
+    s = build(spec, device, len(train_loader), sync_bn=device.type == "cuda", wrap=ray.train.torch.prepare_model)
+    start_epoch, history = _restore(s, device)
+    for epoch in range(start_epoch, spec.epochs):
+        train_loader, val_loader = build_loaders(spec, rank, world, epoch)
         try:
             stats = engine.train_epoch(s.model, train_loader, s.optimizer, s.scheduler, s.scaler, s.opts, epoch + 1,
                                        any_rank=lambda flag: collective.any_rank(flag, device))
         except engine.NonFiniteLoss as exc:  # every rank stops at this step (the flag is all-reduced)
             raise RuntimeError(f"segpipe: {exc}") from None
-        metrics = _epoch_metrics(s, cfg, epoch, stats, val_loader)
+        metrics = _epoch_metrics(s, spec, epoch, stats, val_loader)
+        history[epoch + 1] = {k: v for k, v in metrics.items()
+                              if k.startswith(("train/", "val/")) and isinstance(v, (int, float))}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                save_state(Path(tmp) / "state.pt", s, epoch + 1, cfg)
+                save_state(Path(tmp) / "state.pt", s, epoch + 1, spec, history)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             # inside a Ray Tune trial, TuneReportCallback forwards this report to Tune
             ray.train.report(metrics, checkpoint=checkpoint)
+    return history if rank == 0 else None

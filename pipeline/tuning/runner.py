@@ -1,6 +1,6 @@
 """Runs the Ray Tune search of one family: the function trainable (one TorchTrainer of `segpipe train`
-per trial, reported to Tune), the Tuner (new or restored), progress lines, and the clean-up of the
-placement groups of stopped trials (a private Ray API: reap_orphan_placement_groups).
+per trial, reported to Tune), the Tuner (new or restored), progress lines, and the release of the
+placement group of each trial Tune ends (release_placement_group).
 
 tune_family(p, space) -> the summary written to metrics.json; TuneInterrupted (exit 130, resumable
 with tune.resume=true) or TuneFailed (exit 1) otherwise.
@@ -26,10 +26,11 @@ from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.training.job import fit, resolve_job
 from pipeline.training.progress import make_epoch_callback
+from pipeline.training.worker import PLACEMENT_GROUP_KEY
 from pipeline.tracking import tune as tune_runs
 from pipeline.tuning import results
 from pipeline.tuning.results import trial_number
-from pipeline.tuning.asha import ASHA_STOPS, asha_scheduler, mark_asha_stop, restore_asha_rungs
+from pipeline.tuning.asha import ASHA_STOPS, asha_scheduler, mark_asha_stop, trial_histories
 from pipeline.display import show
 from pipeline.tuning.space import METRIC, Space, decode, expected_trials, param_space, trial_params, trial_splits
 
@@ -58,12 +59,12 @@ def run_trial(config: dict, ctx: dict) -> None:
     p = trial_params(ctx["params"], space, values)
     job = resolve_job(p, space.family)
     trial_id = tune.get_context().get_trial_id()
-    job.storage_path, job.ray_name = ctx["train_storage"], trial_id
-    job.extra_config.update(trial_splits(p))
-    job.run_id = tune_runs.open_trial_run(
+    splits = trial_splits(p)
+    job = job.with_(storage_path=ctx["train_storage"], ray_name=trial_id, spec=job.spec.replace(**splits))
+    job = job.with_(run_id=tune_runs.open_trial_run(
         job.tracking_uri, p, family=space.family, model=job.model, options=job.options,
-        parent_run_id=ctx["parent_run_id"], trial_id=trial_id, ray_experiment=ctx["name"], splits=job.extra_config,
-        hp={k: show(v) for k, v in values.items()})
+        parent_run_id=ctx["parent_run_id"], trial_id=trial_id, ray_experiment=ctx["name"], splits=splits,
+        hp={k: show(v) for k, v in values.items()}))
     try:
         fit(job, callbacks=[make_epoch_callback(job), TuneReportCallback()])
     except BaseException:
@@ -76,45 +77,52 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def reap_orphan_placement_groups() -> int:
-    """Remove the placement groups whose creating actor is dead; returns how many.
+RELEASE_AFTER_S = 5.0  # a trial's actor (and the Train controller it owns) is gone by then
 
-    Ray Train V2 frees the workers' placement group of a controller that dies (as it does when ASHA
-    stops a trial: Tune kills the trial actor, which owns the controller) through a detached
-    cleaner actor that asks the State API whether the controller lives. Where several Ray instances
-    run on one machine that query fails ("Found multiple active Ray instances") and the group keeps
-    its CPUs until the tune's driver ends, so later trials wait for workers forever. A group is
-    only removed when the actor that created it is dead, so nothing alive loses resources."""
+
+def release_placement_group(pg_hex: str) -> bool:
+    """Remove the placement group a trial's Ray Train workers ran in (they report its id with each
+    epoch: pipeline.training.worker, PLACEMENT_GROUP_KEY); True when one was removed.
+
+    When ASHA stops a trial, Tune kills the trial actor and with it the Train controller it owns.
+    Ray Train V2 frees that controller's worker group through a cleaner actor that asks the State
+    API whether the controller lives; on a Ray without a dashboard (segpipe's local Ray) the State
+    API cannot answer, and Ray itself removes a placement group only once both its creating actor
+    and its job (this driver) are dead. The group would keep its CPUs until the tune ends, so later
+    trials wait for workers forever. Progress calls this RELEASE_AFTER_S after Tune ended the
+    trial, when its actor and controller are gone (removing the group of a live controller would
+    make it start a new one), so nothing alive loses resources; a group Train already removed
+    (a trial that ran to its end) is left alone."""
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
     try:
-        from ray._private.state import state
-        from ray.core.generated import gcs_pb2
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-        live = (gcs_pb2.PlacementGroupTableData.PENDING, gcs_pb2.PlacementGroupTableData.CREATED)
-        n = 0
-        for raw in state._connect_and_get_accessor().get_placement_group_table():
-            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-            if (pg.state in live and pg.creator_actor_dead and not pg.is_detached and pg.creator_actor_id
-                    and not ray.ActorID(pg.creator_actor_id).is_nil()):
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-                n += 1
-        return n
-    except Exception:  # a private API (imported here so a move only disables this): Train's own cleaner is all there is
-        return 0
+        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
+        if placement_group_table(group).get("state") in (None, "REMOVED"):
+            return False
+        remove_placement_group(group)
+        return True
+    except Exception:  # already gone, or Ray shutting down: nothing to free
+        return False
 
 
 class Progress(Callback):
-    """One line per trial epoch and per trial end, in the driver; frees the placement groups of
-    stopped trials (reap_orphan_placement_groups)."""
+    """One line per trial epoch and per trial end, in the driver; releases the placement group of
+    each trial that ended, RELEASE_AFTER_S later (release_placement_group)."""
 
     def __init__(self, space: Space, max_epochs: int):
         self.space, self.max_epochs = space, max_epochs
-        self.last_reap = 0.0
+        self.ended: dict[str, tuple[float, str]] = {}  # trial id -> (when it ended, its placement group)
+
+    def _ended(self, trial) -> None:
+        pg_hex = (trial.last_result or {}).get(PLACEMENT_GROUP_KEY)
+        if pg_hex:
+            self.ended[trial.trial_id] = (time.time(), pg_hex)
 
     def on_step_begin(self, iteration, trials, **info):
-        if time.time() - self.last_reap > 2.0:
-            self.last_reap = time.time()
-            reap_orphan_placement_groups()
+        for trial_id, (when, pg_hex) in list(self.ended.items()):
+            if time.time() - when >= RELEASE_AFTER_S:
+                del self.ended[trial_id]
+                release_placement_group(pg_hex)
 
     def _label(self, trial) -> str:
         cfg = ", ".join(f"{k}={show(v)}" for k, v in decode(self.space, trial.config).items())
@@ -129,6 +137,7 @@ class Progress(Callback):
                  f"{result.get('train/loss', float('nan')):.4f}{val}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial)
         epoch = (trial.last_result or {}).get("epoch", 0)
         if trial.trial_id in ASHA_STOPS:
             how = f"stopped early by ASHA at epoch {ASHA_STOPS[trial.trial_id]}"
@@ -139,11 +148,8 @@ class Progress(Callback):
         log.info(f"{self._label(trial)}: {how}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial)
         log.info(f"{self._label(trial)}: FAILED (see {getattr(trial, 'error_file', None) or 'the Ray logs'})")
-
-
-def _progress_callback(space: Space, max_epochs: int) -> Callback:
-    return Progress(space, max_epochs)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -218,24 +224,21 @@ def _start(p: Params, space: Space, uri: str) -> tuple[str, str, bool]:
 def _tuner(p: Params, space: Space, trainable, uri: str, root: str, name: str, parent_run_id: str, resumed: bool):
     t = p.tune
     if resumed:
-        tuner = tune.Tuner.restore(f"{root}/{name}", trainable=trainable, resume_unfinished=True, resume_errored=True)
-        restore_asha_rungs(tuner, uri, p.mlflow.experiment, parent_run_id)
-        # the restored run config holds the callbacks pickled at the start: use this version's
-        run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
-        if run_config is not None:
-            run_config.callbacks = [_progress_callback(space, t.max_epochs)]
-        return tuner
+        # the scheduler and callbacks come back as pickled when the tune started (the scheduler
+        # refills its rungs from the trials' MLflow histories before its first decision)
+        return tune.Tuner.restore(f"{root}/{name}", trainable=trainable, resume_unfinished=True, resume_errored=True)
     mark = functools.partial(mark_asha_stop, uri, p.mlflow.experiment, parent_run_id)
+    history = functools.partial(trial_histories, uri, p.mlflow.experiment, parent_run_id)
     return tune.Tuner(
         trainable,
         param_space=param_space(space, t.search_alg),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", num_samples=t.num_samples,
             max_concurrent_trials=t.max_concurrent_trials if t.search_alg != "random" else None,
-            scheduler=asha_scheduler(t, mark), search_alg=_search_alg(p), trial_dirname_creator=_trial_dirname),
+            scheduler=asha_scheduler(t, mark, history), search_alg=_search_alg(p), trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[_progress_callback(space, t.max_epochs)]),
+                                  callbacks=[Progress(space, t.max_epochs)]),
     )
 
 

@@ -91,8 +91,12 @@ def test_two_ray_workers_equal_one_process(ray_local, synthetic_shards):
     from pipeline.training.setup import build_loaders
     from seg_models import build_model
 
-    cfg = {"data_dir": str(synthetic_shards), "crop_size": 64, "eval_size": 64, "scale_min": 1.0, "scale_max": 1.0,
-           "seed": 0, "batch_size": 3, "loader_workers": 0, "out": str(synthetic_shards.parent / "eval2.json")}
+    from pipeline.config import default_params
+    from pipeline.training.spec import WorkerSpec
+
+    spec = WorkerSpec.from_params(default_params(), model="unet", options={}, data_dir=str(synthetic_shards)).replace(
+        crop_size=64, eval_size=64, scale_min=1.0, scale_max=1.0, seed=0, batch_size=3, loader_workers=0)
+    cfg = {"spec": spec, "out": str(synthetic_shards.parent / "eval2.json")}
 
     def model():
         torch.manual_seed(123)
@@ -102,7 +106,7 @@ def test_two_ray_workers_equal_one_process(ray_local, synthetic_shards):
         import torch.distributed as dist
 
         ctx = ray.train.get_context()
-        _, val = build_loaders(config, ctx.get_world_rank(), ctx.get_world_size(), 0)
+        _, val = build_loaders(config["spec"], ctx.get_world_rank(), ctx.get_world_size(), 0)
         cm = engine.evaluate(model(), val, engine.StepOptions(device=torch.device("cpu"), channels_last=False), 21)
         dist.all_reduce(cm)
         if ctx.get_world_rank() == 0:
@@ -114,7 +118,7 @@ def test_two_ray_workers_equal_one_process(ray_local, synthetic_shards):
     res = json.loads(Path(cfg["out"]).read_text())
     two = torch.tensor(res["cm"])
 
-    _, val = build_loaders(cfg, 0, 1, 0)
+    _, val = build_loaders(spec, 0, 1, 0)
     one = engine.evaluate(model(), val, engine.StepOptions(device=torch.device("cpu"), channels_last=False), 21)
     assert torch.equal(one, two)
     assert one.sum() > 0

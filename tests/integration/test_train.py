@@ -17,8 +17,10 @@ import time
 import pytest
 
 from pipeline.config import load_params
-from tests.support import TINY, ActorTitles, tiny_overrides
-from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.paths import ROOT
+from tests.support.procs import ActorTitles
+from tests.support.training import TINY, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -40,16 +42,14 @@ def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, t
                                                                                  "seeds=[0]"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with ActorTitles() as actors:
-        outcomes = train_all(p, progress=False)
+        outcomes = train_all(p, progress=True)
     assert [(o.family, o.seed, o.error) for o in outcomes] == [(fam, 0, "") for fam in TINY]
     # a local Ray cannot be preempted: no preemption watcher process per run (the sampler saw the runs)
     assert "ray::TrainController" in actors.seen and "ray::RayTrainWorker" in actors.seen, actors.seen
     assert "ray::PreemptionWatcher" not in actors.seen, actors.seen
     # the four concurrent runs share the process's one progress queue actor (made by an earlier
     # run of this process, or by one of these): no queue actor per run (pipeline.training.progress)
-    from pipeline.training.progress import ProgressPrinter
-
-    assert len(actors.pids.get("ray::_QueueActor", ())) <= 1 and ProgressPrinter._queue is not None, actors.pids
+    assert len(actors.pids.get("ray::_QueueActor", ())) == 1, actors.pids
     for o in outcomes:
         fam, summary, model = o.family, o.summary, TINY[o.family][0]
         run = client.get_run(summary["mlflow_run_id"])

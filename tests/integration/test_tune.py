@@ -1,7 +1,7 @@
 """`segpipe tune` with a real Ray, a real sqlite MLflow store and tiny synthetic shards.
 
 One tune of three UNet trials (upsample: bilinear / transposed / unpool, 2 epochs, ASHA grace 1)
-is interrupted with SIGINT (Ctrl-C) after its first trial ends and resumed with tune.resume=true;
+is interrupted with SIGINT (Ctrl-C) once the store shows its first trial finished and resumed with tune.resume=true;
 the tests then check the resume, the MLflow parent/child structure, ASHA's early stop, the
 reports and `--apply`. The bad-space tests never start Ray."""
 
@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from pipeline.config import load_params
 from tests.support.cli import assert_user_error, run_cli
 from tests.support.paths import ROOT
 from tests.support.training import tiny_overrides
+
+# one xdist worker runs the whole module (`make test` runs pytest -n 2 --dist loadgroup): its
 # module-scoped fixture is made once
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tune")]
 
@@ -40,9 +43,8 @@ def _args(overrides: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def tuned(ray_local, synthetic_shards, tmp_path_factory):
     """Run the tune in this process (the session's Ray), Ctrl-C it (SIGINT to this process, caught
-    by Tune's handler) as soon as Tune has recorded the end of a first trial, resume it with
+    by Tune's handler) as soon as the store shows a first trial finished, resume it with
     tune.resume=true; return what the tests need."""
-    import pipeline.tuning.runner as tune_mod
     from pipeline.tuning.runner import TuneInterrupted, tune_family
     from pipeline.tuning.space import resolve_space
 
@@ -51,28 +53,34 @@ def tuned(ray_local, synthetic_shards, tmp_path_factory):
     p = load_params(ROOT / "params.yaml", overrides)
     space = resolve_space(p, "unet")
     state = {"interrupted_at": None, "ended_before": []}
-    progress = tune_mod._progress_callback
+    stop = threading.Event()
 
-    def progress_then_ctrl_c(space, max_epochs):
-        cb = progress(space, max_epochs)
-        on_complete = cb.on_trial_complete
+    def ctrl_c_after_first_trial():
+        """Watches the store from outside, as a user watches the UI: the first trial run FINISHED ->
+        SIGINT to this process (Python runs the handler, Tune's, in the main thread: Tuner.fit)."""
+        from mlflow.tracking import MlflowClient
 
-        def on_trial_complete(iteration, trials, trial, **info):
-            on_complete(iteration, trials, trial, **info)
-            state["ended_before"].append(trial.trial_id)
-            if state["interrupted_at"] is None:  # the driver's main thread, inside Tuner.fit: Tune's handler
+        c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+        while not stop.wait(0.5):
+            exp = c.get_experiment_by_name("segpipe")
+            done = [] if exp is None else c.search_runs(
+                [exp.experiment_id], "tags.stage = 'tune-trial' and attributes.status = 'FINISHED'")
+            if done:
+                state["ended_before"] = [r.data.tags["trial_id"] for r in done]
                 state["interrupted_at"] = time.time()
                 os.kill(os.getpid(), signal.SIGINT)
-
-        cb.on_trial_complete = on_trial_complete
-        return cb
+                return
 
     env = dict(os.environ)  # tune_family sets a few Ray variables for its process: not for later tests
+    watcher = threading.Thread(target=ctrl_c_after_first_trial, daemon=True)
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(tune_mod, "_progress_callback", progress_then_ctrl_c)
+        watcher.start()
+        try:
             with pytest.raises(TuneInterrupted) as interrupted:
                 tune_family(p, space)
+        finally:
+            stop.set()
+            watcher.join(timeout=10)
         assert state["interrupted_at"] is not None
         ended_before = list(state["ended_before"])
         resumed_at = time.time()
@@ -397,6 +405,7 @@ def test_tune_split_is_carved_from_train_and_trials_select_on_it(tmp_path, param
     from pipeline.data.shards import preprocess
     from pipeline.tuning.space import trial_splits
     from tests.support.files import tree_snapshot
+
     d = tmp_path / "data"
     opts = [f"data.dir={d}", "data.source=synthetic", "data.synthetic.train_count=12", "data.synthetic.val_count=3",
             "data.synthetic.size=32", "data.row_group_rows=5"]
