@@ -5,16 +5,12 @@ for real (two hosts in a network namespace, an authenticated tracking server, th
 from __future__ import annotations
 
 import shlex
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.cli import build_parser
-from tests.conftest import ROOT
-
-BIN = Path(sys.executable).parent
+from tests.support.paths import ROOT
 
 
 _SHELL_OPS = {">", ">>", "&", "&&", "|", "||", ";", "2>&1"}

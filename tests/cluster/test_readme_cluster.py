@@ -3,7 +3,7 @@
 the whole comparison as ONE `ray job submit`, the report) against a Ray head and a `segpipe
 mlflow-server --auth` bound to the host side of a veth pair (a non-loopback address, as HEAD is on a
 cluster) and a second Ray node inside a network namespace that joins by that address, with only the
-substitutions declared in tests/unit/test_readme.py (substitutions / tiny_sets). The parsing of
+substitutions declared in tests/support/readme.py (substitutions / tiny_sets). The check of
 every README command is tests/unit/test_readme.py.
 """
 
@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster.conftest import NS_HOST, NS_PEER, PASSWORD, basic, ray_ports, submit_job, wait_job
-from tests.conftest import ROOT
-from tests.unit.test_readme import BIN, BLOCKS, runnable_script, substitutions, tiny_sets  # the helpers live beside the unit tests
+from tests.support.cluster import NS_HOST, NS_PEER, PASSWORD, basic, ray_ports, submit_job, wait_job
+from tests.support.paths import BIN, ROOT
+from tests.support.procs import free_port, stop_tree, tool_env, wait_http
+from tests.support.readme import BLOCKS, runnable_script, substitutions, tiny_sets
 
 
 def _fresh_checkout(clone: Path) -> None:
@@ -52,19 +53,17 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
     import psutil
     import ray.util.state
 
-    from tests.support import _env, _free_port, _stop_tree, _wait_http
-
     clone = tmp_path / "segpipe"
     _fresh_checkout(clone)
     shared = tmp_path / "shared"
     shared.mkdir()
-    env = dict(_env(), PYTHONPATH=str(clone))
+    env = dict(tool_env(), PYTHONPATH=str(clone))
     procs: list[subprocess.Popen] = []
     head_tmp = Path(tempfile.mkdtemp(prefix="rh2", dir="/tmp"))  # short: Ray's unix sockets live under it
     node_tmp = Path(tempfile.mkdtemp(prefix="rn2", dir="/tmp"))
     try:
         # the tracking server: README step 2, on the host's veth address, its store on /shared
-        mport = _free_port()
+        mport = free_port()
         (tmp_path / "pw").write_text(PASSWORD + "\n")
         mlog = tmp_path / "mlflow.log"
         server = subprocess.Popen(
@@ -85,7 +84,7 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
             env=env, stdout=open(hlog, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(head)
         ray_address = f"http://{NS_HOST}:{ports['dashboard-port']}"
-        _wait_http(ray_address + "/api/version", 120, head, hlog)
+        wait_http(ray_address + "/api/version", 120, head, hlog)
         # the second "host": a Ray node inside the namespace, joining by the head's veth address
         nlog = node_tmp / "node.log"
         node = subprocess.Popen(
@@ -93,7 +92,7 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
              "--num-cpus=1", f"--node-ip-address={NS_PEER}", f"--temp-dir={node_tmp}", "--disable-usage-stats"],
             env=env, stdout=open(nlog, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(node)
-        _wait_http(murl + "/health", 120, server, mlog)
+        wait_http(murl + "/health", 120, server, mlog)
         deadline = time.time() + 120
         while time.time() < deadline:
             if node.poll() is not None:
@@ -204,7 +203,7 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
         assert list((shared / "mlartifacts").rglob("trials.csv"))
     finally:
         for p in reversed(procs):
-            _stop_tree(p)
+            stop_tree(p)
         for d in (head_tmp, node_tmp):
             shutil.rmtree(d, ignore_errors=True)
         leftover = [p for p in psutil.process_iter(["cmdline"]) if str(node_tmp) in " ".join(p.info["cmdline"] or [])]

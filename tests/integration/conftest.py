@@ -1,6 +1,7 @@
 """The run set two modules read: test_train_all (the runs overlap, and equal the one-by-one path's)
 and test_report (report, UI and predict on real runs). Trained once per session, and both modules
-are one xdist group ("trained") so one pytest-xdist worker trains it once for both."""
+are one xdist group ("trained") so one pytest-xdist worker trains it once for both. Its families,
+seeds and epochs: tests/support/training.py."""
 
 from __future__ import annotations
 
@@ -13,12 +14,8 @@ import pytest
 import yaml
 
 from pipeline.config import apply_overrides, read_yaml
-from tests.conftest import ROOT
-from tests.support import tiny_overrides
-
-TRAINED_FAMILIES = ("lraspp", "unet")  # the two lightest tiny models (tests/support.py TINY)
-TRAINED_SEEDS = (0, 1)
-TRAINED_EPOCHS = 2
+from tests.support.paths import ROOT
+from tests.support.training import TRAINED_EPOCHS, TRAINED_FAMILIES, TRAINED_SEEDS, tiny_overrides
 
 
 @pytest.fixture(scope="session")

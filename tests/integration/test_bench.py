@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.paths import ROOT
 
 FORBIDDEN = {"ray", "mlflow", "dvc", "pydantic", "pyarrow", "pandas"}  # gpu_bench: torch + pyyaml
 

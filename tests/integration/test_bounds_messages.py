@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
-from tests.conftest import no_debris
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.files import no_debris, tree_snapshot
+from tests.support.paths import SAMPLE_TAR
 
 
 @pytest.mark.parametrize("key", ["train.crop_size", "train.eval_size"])

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.paths import ROOT
 
 
 class Payload:
@@ -82,7 +83,7 @@ def test_predict_still_loads_a_real_checkpoint(tmp_path):
 
 
 def test_resume_refuses_a_malicious_checkpoint_before_ray_starts(tmp_path, synthetic_shards):
-    from tests.support import tiny_overrides
+    from tests.support.training import tiny_overrides
 
     marker = tmp_path / "pwned"
     run_dir = tmp_path / "ray" / "unet-unet-seed0-20260101-000000"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.support import tiny_overrides
+from tests.support.paths import ROOT
+from tests.support.training import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float =
     """`segpipe train` in a fresh process (joining the session's Ray when env says so, as a
     quickstart stage does); on a hang (the failure these tests look for) its whole tree is stopped
     by PID before the test fails."""
-    from tests.support import _stop_tree
+    from tests.support.procs import stop_tree
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), "--family", "unet",
@@ -45,7 +45,7 @@ def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float =
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _stop_tree(proc)
+        stop_tree(proc)
         raise AssertionError(f"segpipe train did not finish within {timeout}s (a rank hung)") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 

@@ -4,14 +4,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT
-
-BIN = Path(sys.executable).parent
+from tests.support.paths import BIN, ROOT
 
 
 def _run(cmd, cwd):

@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.data.loaders import verify_shards
 from pipeline.errors import UserError
-from tests.conftest import assert_user_error, run_cli, tree_snapshot
-from tests.conftest import copy_sample_voc, no_debris
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.files import copy_sample_voc, no_debris, tree_snapshot
 
 
 @pytest.mark.parametrize("bad", ["../../../../tmp/x", "a/b", "..", "2008_000123\\..\\x", "/etc/passwd", ".hidden"])

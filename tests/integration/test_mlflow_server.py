@@ -18,16 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, assert_user_error, run_cli
-from tests.support import _stop_tree
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.paths import ROOT
+from tests.support.procs import free_port, stop_tree
 
 PASSWORD = "correct-horse-battery-staple"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_free(port: int) -> bool:
@@ -91,7 +86,7 @@ def _hup_and_check(proc: subprocess.Popen, port: int) -> None:
 
 
 def test_non_loopback_without_auth_is_refused(tmp_path):
-    proc = run_cli("mlflow-server", "-p", str(ROOT / "params.yaml"), "--host", "0.0.0.0", "--port", str(_free_port()),
+    proc = run_cli("mlflow-server", "-p", str(ROOT / "params.yaml"), "--host", "0.0.0.0", "--port", str(free_port()),
                    "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path,
                    fresh=True)  # a regression would start a server: a process the timeout stops
     assert_user_error(proc, "without authentication", "--auth", "--insecure")
@@ -101,7 +96,7 @@ def test_non_loopback_without_auth_is_refused(tmp_path):
 def test_auth_without_a_password_is_refused(tmp_path):
     env_free = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_AUTH_")}
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "mlflow-server", "-p", str(ROOT / "params.yaml"),
-                           "--auth", "--port", str(_free_port()),
+                           "--auth", "--port", str(free_port()),
                            "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
                           cwd=tmp_path, env=dict(env_free, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
     assert_user_error(proc, "MLFLOW_AUTH_ADMIN_PASSWORD", "--auth-password-file")
@@ -120,7 +115,7 @@ def test_default_allowed_hosts():
 
 @pytest.mark.slow
 def test_auth_server_hosts_and_sighup(tmp_path):
-    port = _free_port()
+    port = free_port()
     (tmp_path / "pw").write_text(PASSWORD + "\n")
     proc = _start(["mlflow-server", "-p", str(ROOT / "params.yaml"), "--port", str(port), "--auth",
                    "--auth-password-file", str(tmp_path / "pw"), "--allowed-hosts", "seg-head.example",
@@ -154,7 +149,7 @@ def test_auth_server_hosts_and_sighup(tmp_path):
         assert ok.returncode == 0, ok.stderr[-2000:]
         _hup_and_check(proc, port)
     finally:  # on a failure: the whole tree (the server's uvicorn and MLflow's job runners too), by PID
-        _stop_tree(proc)
+        stop_tree(proc)
 
 
 @pytest.mark.slow
@@ -162,7 +157,7 @@ def test_ui_stops_its_whole_tree_on_sighup(tmp_path):
     from mlflow.tracking import MlflowClient
 
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # an existing store
-    port = _free_port()
+    port = free_port()
     proc = _start(["ui", "-p", str(ROOT / "params.yaml"), "--port", str(port),
                    "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path)
     try:
@@ -175,7 +170,7 @@ def test_ui_stops_its_whole_tree_on_sighup(tmp_path):
             cmdlines  # MLflow's GenAI job runner stays off (mlflow.server_jobs: false)
         _hup_and_check(proc, port)
     finally:  # on a failure: the whole tree (the server's uvicorn and MLflow's job runners too), by PID
-        _stop_tree(proc)
+        stop_tree(proc)
 
 
 @pytest.mark.slow
@@ -185,7 +180,7 @@ def test_nohup_keeps_the_server_through_sighup(tmp_path):
     from mlflow.tracking import MlflowClient
 
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(["nohup", sys.executable, "-m", "pipeline.cli", "ui", "-p", str(ROOT / "params.yaml"),
                              "--port", str(port), "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
                             cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
@@ -203,4 +198,4 @@ def test_nohup_keeps_the_server_through_sighup(tmp_path):
         _, alive = psutil.wait_procs(tree, timeout=10)
         assert not alive and _port_free(port)
     finally:  # on a failure: the whole tree, by PID
-        _stop_tree(proc)
+        stop_tree(proc)

@@ -1,6 +1,7 @@
 """seg_models trained and compared for real (tens of seconds on 2 cores): an SGD step of every model at
 odd sizes, the unpool decoder learning like bilinear, torchvision equivalence with the same weights,
-backbone weights loading. The fast model tests are tests/unit/test_models.py, whose helpers these use.
+backbone weights loading. The fast model tests are tests/unit/test_models.py; the helpers both use are
+tests/support/models.py.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import torch.nn.functional as F
 from torchvision import models as tvm
 from torchvision.models import segmentation as tvs
 from seg_models import build_model
-from tests.unit.test_models import ODD, TORCHVISION, _cases, _first_conv, _train_miou  # the helpers live beside the unit tests
+from tests.support.models import ODD, TORCHVISION, cases, first_conv, train_miou
 
 
-@pytest.mark.parametrize("name, options", list(_cases()))
+@pytest.mark.parametrize("name, options", list(cases()))
 def test_odd_size_output_gradients_and_one_sgd_step(name, options):
     model = build_model(name, num_classes=5, **options).train()
     x = torch.randn(2, 3, *ODD)
@@ -25,7 +26,7 @@ def test_odd_size_output_gradients_and_one_sgd_step(name, options):
     loss = sum(F.cross_entropy(v, target, ignore_index=255) for v in out.values())
     assert torch.isfinite(loss)
     loss.backward()
-    first = _first_conv(model)
+    first = first_conv(model)
     assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     before = first.weight.detach().clone()
@@ -42,8 +43,8 @@ def test_fcn_unpool_learns_early_under_sgd():
     unpool, score layer at unit feature scale - still predicted background only when ASHA judged the
     quickstart tune: toy scenes 0.27 mIoU vs bilinear's 0.68; the older score-map unpooling left
     63/64 of the pixels at uniform logits, loss stuck near ln 3.)"""
-    first, last, miou = _train_miou("unpool")
-    _, _, bilinear = _train_miou("bilinear")
+    first, last, miou = train_miou("unpool")
+    _, _, bilinear = train_miou("bilinear")
     assert last < 0.5 * first and last < 0.5, (first, last)
     assert miou > 0.5 and miou >= 0.8 * bilinear, (miou, bilinear)
 

@@ -24,7 +24,10 @@ import yaml
 
 from tests.support.cli import assert_user_error, run_cli
 from tests.support.paths import ROOT, SAMPLE_TAR
+from tests.support.procs import free_port
 from tests.support.training import TRAINED_FAMILIES, TRAINED_SEEDS
+
+# one xdist worker runs this module and test_train_all.py (`make test` runs pytest -n 2 --dist
 # loadgroup): they read the same session run set, and the module fixtures here are made once
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]
 
@@ -169,15 +172,9 @@ def test_best_run_of_each_family_is_registered(report):
         assert len(c.search_model_versions(f"name = 'segpipe-{fam}'")) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ui_answers_runs_search_and_stops_by_pid(report):
     work, params, summaries, js, _ = report
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", *_args(params), "--port", str(port)], cwd=work,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from pipeline import system
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 CHILD = ("import ray; from pipeline.system import ray_init, ray_is_local\n"
          "owned = ray_init()\n"

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import assert_user_error, run_cli
-from tests.support.files import tree_snapshot
-from tests.support.files import mounted, no_debris, params
+from tests.support.files import mounted, no_debris, params, tree_snapshot
 from tests.support.procs import free_port
+
+
 def _train(params_file, d, uri, *extra):
     return run_cli("train", "-q", "-p", str(params_file), "-S", f"data.dir={d}", "-S", f"mlflow.tracking_uri={uri}",
                    "-S", f"ray.storage_path={d.parent / 'ray_results'}", "-S", "train.model=unet",

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, assert_user_error, run_cli
-from tests.integration.conftest import TRAINED_FAMILIES, TRAINED_SEEDS
-from tests.support import TINY, tiny_overrides
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.paths import ROOT
+from tests.support.training import TINY, TRAINED_FAMILIES, TRAINED_SEEDS, tiny_overrides
 
 # one xdist worker runs this module and test_report.py: they read the same session run set
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]

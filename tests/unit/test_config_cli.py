@@ -6,6 +6,8 @@ import yaml
 from pipeline.config import ParamsError, apply_overrides, flatten, load_params
 from tests.support.cli import assert_user_error, run_cli
 from tests.support.paths import ROOT
+
+
 def test_committed_params_are_the_full_recipe():
     p = load_params(ROOT / "params.yaml")
     assert p.data.source == "voc2012_aug"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.cli import STAGES
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 OURS = ("pipeline", "seg_models")
 

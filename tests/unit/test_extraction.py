@@ -6,8 +6,9 @@ import tarfile
 
 from pipeline.storage import clean_debris
 from pipeline.data.archive import ExtractLimits, safe_extract
-from tests.conftest import SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
-from tests.conftest import no_debris
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.files import no_debris, tree_snapshot
+from tests.support.paths import SAMPLE_TAR
 
 
 def _bomb(path, size=256 << 20):

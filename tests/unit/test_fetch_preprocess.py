@@ -15,7 +15,9 @@ from pipeline.config import load_params
 from pipeline.data.loaders import ShardDataset, decode_mask, list_shards
 from pipeline.data.sources import fetch
 from pipeline.data.shards import preprocess
-from tests.conftest import SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.files import tree_snapshot
+from tests.support.paths import SAMPLE_TAR
 
 
 def _params(params_file, data_dir, *extra):

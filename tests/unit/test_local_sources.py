@@ -16,7 +16,9 @@ from scipy.io import savemat
 
 from pipeline.data.loaders import decode_mask, list_shards
 from pipeline.data.palette import save_mask_png
-from tests.conftest import SAMPLE_TAR, assert_user_error, run_cli, tree_snapshot
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.files import tree_snapshot
+from tests.support.paths import SAMPLE_TAR
 
 # voc-mini: train 7, val 3. SBD adds three new ids, repeats a VOC train id (VOC's mask wins) and
 # lists a VOC val id (held out).

@@ -9,8 +9,9 @@ import time
 import pytest
 
 from pipeline.storage import writer_lock
-from tests.conftest import ROOT, assert_user_error, run_cli, tree_snapshot
-from tests.conftest import no_debris
+from tests.support.cli import assert_user_error, run_cli
+from tests.support.files import no_debris, tree_snapshot
+from tests.support.paths import ROOT
 
 
 @pytest.mark.parametrize("stage", ["fetch", "preprocess"])

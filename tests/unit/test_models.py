@@ -19,11 +19,7 @@ from torchvision.models import segmentation as tvs
 import seg_models
 from seg_models import BACKBONE_WEIGHTS, build_model, effective_atrous_rates, list_models, model_info
 from seg_models.upsample import UnpoolStage, Upsample, bilinear_kernel, max_pool
-
-NAMES = ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50",
-         "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "unet", "unet_resnet50"]
-SMALL = {"unet": {"base_channels": 8}}  # keep the plain UNet cheap; every other model at its defaults
-ODD = (45, 61)  # odd, not a multiple of any stride: FCN pads it to 64x64, UNet/ResNet floor at every stride
+from tests.support.models import NAMES, ODD
 
 
 @pytest.fixture(autouse=True)
@@ -35,10 +31,6 @@ def _meta(name: str, **options) -> nn.Module:
     """Build on the meta device: structure and shapes only, nothing allocated."""
     with torch.device("meta"):
         return build_model(name, **options)
-
-
-def _first_conv(model: nn.Module) -> nn.Conv2d:
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 # --------------------------------------------------------------------------- registry
@@ -67,17 +59,6 @@ def test_seg_models_imports_only_torch():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
     assert imported - set(sys.stdlib_module_names) == {"torch", "torchvision"}
-
-
-# --------------------------------------------------------------------------- every model trains one step
-def _cases():
-    for name in NAMES:
-        for method in model_info(name)["options"].get("upsample", [None]):
-            options = {**SMALL.get(name, {}), **({"upsample": method} if method else {})}
-            marks = [pytest.mark.slow] if "resnet101" in name else []
-            yield pytest.param(name, options, id=f"{name}-{method or 'default'}", marks=marks)
-    yield pytest.param("deeplabv3_resnet50", {"aspp": "cascade", "output_stride": 16}, id="deeplabv3-cascade")
-    yield pytest.param("deeplabv3_mobilenet_v3_large", {"aux_loss": True}, id="deeplabv3_mobilenet-aux")
 
 
 def test_fcn_skip_scores_are_fused_by_addition():
@@ -175,47 +156,6 @@ def test_unpool_decoder_uses_each_channels_indices_then_convs(name):
         assert [len(_meta(f"fcn{s}s_vgg16", upsample="unpool").decoder.skip) for s in (32, 16, 8)] == [0, 1, 2]
 
 
-def _toy_scenes(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images with a bright square (class 1) and a dark disc (class 2) on noise; masks to match."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, 3, size, size, generator=g) * 0.3 + 0.35
-    masks = torch.zeros(n, size, size, dtype=torch.long)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    for i in range(n):
-        r, c, s = (int(v) for v in torch.randint(0, size - 12, (3,), generator=g))
-        s = 8 + s % 6
-        masks[i, r:r + s, c:c + s] = 1
-        images[i, :, r:r + s, c:c + s] = torch.tensor([0.95, 0.2, 0.2])[:, None, None]
-        cy, cx = (int(v) for v in torch.randint(6, size - 6, (2,), generator=g))
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 25
-        masks[i][disc] = 2
-        images[i][:, disc] = torch.tensor([0.05, 0.05, 0.6])[:, None]
-    return (images - 0.5) / 0.25, masks
-
-
-def _train_miou(upsample: str, steps: int = 40) -> tuple[float, float, float]:
-    """FCN-8s (width 1/8) trained on toy scenes with pipeline.engine's optimiser at the quickstart's
-    lr: (mean loss of the first 5 steps, of the last 5, held-out mIoU)."""
-    torch.manual_seed(0)
-    x, y = _toy_scenes(24)
-    vx, vy = _toy_scenes(8, seed=1)
-    model = build_model("fcn8s_vgg16", num_classes=3, upsample=upsample, width=0.125, batch_norm=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
-    losses = []
-    for step in range(steps):
-        idx = torch.arange(8) + (step * 8) % 24
-        loss = F.cross_entropy(model(x[idx])["out"], y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        pred = model.eval()(vx)["out"].argmax(1)
-    cm = torch.bincount(vy.flatten() * 3 + pred.flatten(), minlength=9).reshape(3, 3).double()
-    iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag()).clamp(min=1)
-    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5, float(iou.mean())
-
-
 def test_unpool_stage_starts_with_uniform_taps():
     """Each densifying conv starts with one weight per (out, in) pair on all 9 taps, so an unpooled value
     reaches the output the same way wherever its max was (``uniform_taps_``); training then makes the
@@ -306,14 +246,6 @@ INVALID = [
 def test_invalid_options_raise_value_error_naming_the_option(name, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         build_model(name, **options)
-
-
-# --------------------------------------------------------------------------- torchvision equivalence
-TORCHVISION = [
-    pytest.param(name, aux, id=f"{name}-aux{aux}", marks=[pytest.mark.slow] if "101" in name else [])
-    for name in ["fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
-                 "deeplabv3_mobilenet_v3_large"] for aux in (False, True)
-] + [pytest.param("lraspp_mobilenet_v3_large", None, id="lraspp_mobilenet_v3_large")]
 
 
 # --------------------------------------------------------------------------- backbone weights

@@ -9,8 +9,8 @@ import seg_models
 from pipeline.config import load_params
 from pipeline.errors import UserError
 from pipeline.data.weights import fetch_weights
-from tests.conftest import ROOT
-from tests.unit.test_download import FileServer  # noqa: F401  (the same local server)
+from tests.support.paths import ROOT
+from tests.support.servers import FileServer
 
 PAYLOAD = b"not really a state dict, but hashed like one" * 1000
 PREFIX = hashlib.sha256(PAYLOAD).hexdigest()[:8]

@@ -1,0 +1,110 @@
+"""Processes and ports: a free port, waiting for a server to answer, stopping a process tree by
+PID (never by name), the environment a `segpipe` / `ray` child needs, and the Ray actor processes
+a run starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.support.paths import BIN
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    """Until url answers (any HTTP status); RuntimeError with the log's tail if proc exits first
+    or timeout passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:  # it answers (e.g. 401 while token auth is on): it is up
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM the process and every descendant, by PID; SIGKILL what is left after 10 s."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def tool_env() -> dict:
+    """This environment with the virtualenv's bin/ first on PATH (segpipe, ray), for a Ray head,
+    node or job client started as a process."""
+    # this Ray turns token authentication on by default: the head and every client then need
+    # RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
+                PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token")
+
+
+class ActorTitles:
+    """The `ray::<Actor>` process titles seen below this process while the block runs (sampled
+    every 0.2 s; `with ActorTitles() as actors`): `actors.seen`, which Ray actors a local run
+    started; `actors.pids[title]`, the processes of that title started after the block began."""
+
+    def __enter__(self):
+        import threading
+
+        self.seen: set[str] = set()
+        self.pids: dict[str, set[int]] = {}
+        self._since = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        import psutil
+
+        while not self._stop.is_set():
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    title = " ".join(child.cmdline())
+                except psutil.Error:
+                    continue
+                if title.startswith("ray::"):
+                    name = title.split()[0].split(".")[0]
+                    self.seen.add(name)
+                    try:
+                        if child.create_time() >= self._since - 1:
+                            self.pids.setdefault(name, set()).add(child.pid)
+                    except psutil.Error:
+                        pass
+            self._stop.wait(0.2)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
