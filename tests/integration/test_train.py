@@ -166,3 +166,11 @@ def test_killed_worker_is_restored_without_gap_or_repeat(synthetic_shards, tmp_p
     assert run.info.status == "FINISHED" and run.data.tags["seed"] == "1"
     assert (tmp_path / "reports" / "metrics" / "unet-seed1.json").exists()
     assert out.count(f"epoch {epochs}/{epochs}") == 1
+    # the DVC epoch CSV comes from what the run returned (the history travels in its checkpoints):
+    # every epoch, those before the kill included, with the values MLflow got
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "reports" / "metrics" / "unet-seed1_epochs.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1)), rows
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "val/mIoU")}
+    assert [float(r["val_mIoU"]) for r in rows] == pytest.approx([logged[e] for e in range(1, epochs + 1)])

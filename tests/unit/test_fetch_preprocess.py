@@ -251,3 +251,16 @@ def test_transforms(tmp_path, params_file):
     assert torch.equal(y[:513, :513], truth.long()) and (y[513:] == 255).all() and (y[:, 513:] == 255).all()
     small = ShardDataset(d, "val", transform=eval_transform(256))[0][1]
     assert small.shape == (256, 256) and set(small.unique().tolist()) <= set(truth.unique().tolist())
+
+
+def test_quiet_silences_the_progress_of_every_stage(tmp_path, params_file):
+    """-q: no progress lines on stdout (the same switch for every stage: the `pipeline` logger);
+    without it the same commands say what they did."""
+    d = tmp_path / "D"
+    common = ["-p", str(params_file), "-S", "data.source=sample", "-S", f"data.dir={d}"]
+    loud = [run_cli("fetch", *common), run_cli("preprocess", *common)]
+    assert all(proc.returncode == 0 for proc in loud), [proc.stderr for proc in loud]
+    assert "preprocessed" in loud[1].stdout, loud[1].stdout
+    quiet = [run_cli(stage, *common, "-q") for stage in ("fetch", "preprocess")]
+    assert [(proc.returncode, proc.stdout) for proc in quiet] == [(0, ""), (0, "")], [p.stdout for p in quiet]
+    assert run_cli("models", "-q").stdout, "-q silences progress, not a command's answer"
