@@ -82,6 +82,33 @@ def ray_local():
 _RAY_JOIN_ENV: dict[str, str] = {}
 
 
+@pytest.fixture(autouse=True)
+def no_placement_group_left(request):
+    """After every test on the session's Ray: no placement group may stay reserved (a leaked group
+    holds CPUs of the 2-CPU Ray forever, and every later run on this xdist worker waits). The test
+    that leaked fails its teardown, naming the groups, and they are removed so the rest can run.
+    A child process's groups go when its Ray job ends: a few seconds' grace."""
+    yield
+    if "ray_local" not in request.fixturenames:
+        return
+    import time
+
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    if not ray.is_initialized():
+        return
+    deadline = time.time() + 15
+    while True:
+        live = {k: v["bundles"] for k, v in placement_group_table().items() if v["state"] in ("CREATED", "PENDING")}
+        if not live or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    for pg_hex in live:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+    assert not live, f"{request.node.nodeid} left placement groups reserved on the session's Ray: {live}"
+
+
 @pytest.fixture
 def ray_join_env(ray_local) -> dict[str, str]:
     """Environment variables that make a `segpipe` child process join the session's Ray (instead of

@@ -105,6 +105,33 @@ def release_placement_group(pg_hex: str) -> bool:
         return False
 
 
+def release_groups_left(grid) -> int:
+    """After Tuner.fit: release the placement group of every trial of the grid that Ray Train left
+    behind (a trial stopped by Ctrl-C or a failure never reaches Progress's delayed release), once
+    the trial actors Tune killed are gone; returns how many were released. In a `segpipe tune`
+    process Ray would free them when the driver exits; a driver that goes on (train after tune in
+    one process, a test, a notebook) would otherwise find its CPUs held forever."""
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    groups = {r.metrics.get(PLACEMENT_GROUP_KEY) for r in grid if r.metrics} - {None}
+
+    def left():
+        out = []
+        for pg_hex in groups:
+            try:
+                group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
+                if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                    out.append(pg_hex)
+            except Exception:
+                pass
+        return out
+
+    if not left():
+        return 0
+    time.sleep(RELEASE_AFTER_S)  # the killed trial actors and the Train controllers they own are gone by then
+    return sum(release_placement_group(pg_hex) for pg_hex in left())
+
+
 class Progress(Callback):
     """One line per trial epoch and per trial end, in the driver; releases the placement group of
     each trial that ended, RELEASE_AFTER_S later (release_placement_group)."""
@@ -275,7 +302,8 @@ def tune_family(p: Params, space: Space) -> dict:
     started = time.time()
     with tracking.ending_run(uri, parent_run_id, killed_by=(KeyboardInterrupt, TuneInterrupted)):
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": p.tune.trainable_cpus})
-        _tuner(p, space, trainable, uri, root, name, parent_run_id, resumed).fit()
+        grid = _tuner(p, space, trainable, uri, root, name, parent_run_id, resumed).fit()
+        release_groups_left(grid)
         # the trials as saved: on Ctrl-C Tune saves the live trials as RUNNING and then stops them
         # (TERMINATED in memory); the saved state is what a resume continues
         trials = tune.ExperimentAnalysis(f"{root}/{name}", default_metric=METRIC, default_mode="max").trials

@@ -49,7 +49,8 @@ def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, t
     assert "ray::PreemptionWatcher" not in actors.seen, actors.seen
     # the four concurrent runs share the process's one progress queue actor (made by an earlier
     # run of this process, or by one of these): no queue actor per run (pipeline.training.progress)
-    assert len(actors.pids.get("ray::_QueueActor", ())) == 1, actors.pids
+    assert "ray::_QueueActor" in actors.seen, actors.seen  # progress=True: the runs report through one
+    assert len(actors.pids.get("ray::_QueueActor", ())) <= 1, actors.pids  # none or one new, never one per run
     for o in outcomes:
         fam, summary, model = o.family, o.summary, TINY[o.family][0]
         run = client.get_run(summary["mlflow_run_id"])

@@ -1,4 +1,5 @@
-"""The README's shell blocks as data: the fenced blocks (which are marked for the cluster test),
+"""The shell blocks of the README and of every docs/*.md guide as data: the fenced blocks (which are
+marked for the cluster test),
 their simple commands, and the substitutions that make the marked blocks a runnable script for
 tests/cluster/test_readme_cluster.py. The checks of every command are tests/unit/test_readme.py."""
 
@@ -14,6 +15,7 @@ from tests.support.paths import ROOT
 from tests.support.training import TINY
 
 README = ROOT / "README.md"
+PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
 RUN_MARK = "<!-- tests/cluster/test_readme_cluster.py runs this block -->"
 SHELLS = ("bash", "sh", "shell", "zsh", "console")
 
@@ -24,16 +26,17 @@ class Block:
     line: int            # 1-based line of the opening fence
     text: str            # dedented body (console: the `$ ` commands only)
     marked: bool         # preceded by RUN_MARK
-    section: str         # the `## ` heading it is under
+    section: str         # the `# ` / `## ` heading it is under
+    page: str = "README.md"  # the page, relative to the repo
 
 
-def readme_blocks(text: str | None = None) -> list[Block]:
-    lines = (README.read_text() if text is None else text).splitlines()
+def readme_blocks(text: str | None = None, page: str = "README.md") -> list[Block]:
+    lines = ((ROOT / page).read_text() if text is None else text).splitlines()
     blocks, section, i = [], "", 0
     while i < len(lines):
         line = lines[i]
-        if line.startswith("## "):
-            section = line[3:].strip()
+        if m := re.match(r"^#{1,2} (.*)", line):
+            section = m.group(1).strip()
         m = re.match(r"^(\s*)```(\w*)\s*$", line)
         if not m:
             i += 1
@@ -47,7 +50,7 @@ def readme_blocks(text: str | None = None) -> list[Block]:
             if lang == "console":
                 body = [b[2:] for b in body if b.startswith("$ ")]
             prev = next((lines[k].strip() for k in range(i - 1, -1, -1) if lines[k].strip()), "")
-            blocks.append(Block(lang, i + 1, "\n".join(body) + "\n", prev == RUN_MARK, section))
+            blocks.append(Block(lang, i + 1, "\n".join(body) + "\n", prev == RUN_MARK, section, page))
         i = j + 1
     return blocks
 
@@ -90,7 +93,7 @@ def split_commands(script: str) -> list[list[str]]:
     return out
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [b for page in PAGES for b in readme_blocks(page=str(page.relative_to(ROOT)))]
 
 
 def substitutions(head: str, mlflow: str, shared: Path, runtime_env: Path) -> dict[str, str]:

@@ -67,9 +67,9 @@ def _masks(d: Path, split: str) -> dict[str, np.ndarray]:
 
 def _fetch_preprocess(params_file, d, *sets):
     args = [x for s in sets for x in ("-S", s)]
-    f = run_cli("fetch", "-p", str(params_file), "-S", f"data.dir={d}", *args, "-q")
+    f = run_cli("fetch", "-p", str(params_file), "-S", f"data.dir={d}", *args)
     assert f.returncode == 0, f.stderr
-    pre = run_cli("preprocess", "-p", str(params_file), "-S", f"data.dir={d}", *args, "-q")
+    pre = run_cli("preprocess", "-p", str(params_file), "-S", f"data.dir={d}", *args)
     assert pre.returncode == 0, pre.stderr
     return f.stdout + pre.stdout, json.loads((d / "shards" / "manifest.json").read_text())
 

@@ -1,6 +1,6 @@
-"""The README's shell blocks, checked with the real parsers.
+"""The shell blocks of the README and of the guides in docs/, checked with the real parsers.
 
-Every fenced ```bash / ```sh / ```shell / ```zsh / ```console block of README.md is split into
+Every fenced ```bash / ```sh / ```shell / ```zsh / ```console block of README.md and docs/*.md is split into
 commands (line continuations, `&&`, `||`, `;`, `|`, `FOO=bar cmd`, comments, redirections) and
 each command is parsed by the parser of the program it calls: `segpipe` by pipeline/cli.py's
 argparse, its `-S` overrides validated against params.yaml by pipeline.config.load_params; `dvc`
@@ -9,7 +9,7 @@ checked and its entrypoint checked as a segpipe command; `make` against the Make
 Every block passes `bash -n` (and `zsh -n` where zsh is installed); a `-S` value holding [ ] { } *
 is quoted.
 
-The blocks the README marks with `<!-- tests/cluster/test_readme_cluster.py runs this block -->`
+The blocks docs/cluster.md marks with `<!-- tests/cluster/test_readme_cluster.py runs this block -->`
 are run for real by that test, with the substitutions declared in tests/support/readme.py
 (substitutions / tiny_sets) and nothing else; the README's parsing (blocks, commands) is there too.
 """
@@ -138,13 +138,15 @@ def unquoted_yaml_values(block_text: str) -> list[str]:
 
 
 def _id(b: Block) -> str:
-    return f"L{b.line}-{b.lang}"
+    return f"{b.page}:L{b.line}-{b.lang}"
 
 
 def test_readme_has_shell_blocks_and_the_marked_cluster_recipe():
     assert len(BLOCKS) >= 15
     marked = [b for b in BLOCKS if b.marked]
-    assert [b.section for b in marked] == ["Run on a cluster"] * 3, [(b.line, b.section) for b in marked]
+    assert [(b.page, b.section) for b in marked] == [("docs/cluster.md", "Run on a cluster")] * 3, \
+        [(b.page, b.line, b.section) for b in marked]
+    assert {b.page for b in BLOCKS} >= {"README.md", "docs/cluster.md", "docs/training.md", "docs/tune.md"}
     cmds = [c for b in marked for c in split_commands(b.text)]
     submits = [c for c in cmds if c[:3] == ["ray", "job", "submit"]]
     # the whole comparison is ONE submission: train --all
@@ -167,8 +169,8 @@ def test_every_block_is_valid_shell(block, tmp_path):
     shells = ["bash"] + (["zsh"] if shutil.which("zsh") else [])
     for sh in shells:
         proc = subprocess.run([sh, "-n", str(script)], capture_output=True, text=True, timeout=30)
-        assert proc.returncode == 0, f"{sh} -n README.md:{block.line}: {proc.stderr}"
-    assert not unquoted_yaml_values(block.text), f"README.md:{block.line}: quote these -S values: " \
+        assert proc.returncode == 0, f"{sh} -n {block.page}:{block.line}: {proc.stderr}"
+    assert not unquoted_yaml_values(block.text), f"{block.page}:{block.line}: quote these -S values: " \
                                                  f"{unquoted_yaml_values(block.text)}"
 
 
