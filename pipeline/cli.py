@@ -11,12 +11,14 @@ import ast
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config import load_params
+from pipeline.config import check_key, load_params
 from pipeline.errors import UserError
+from pipeline.system import handle_sigterm
 
 # stage -> its module: the module's docstring is the stage's help (first line: the one-line help
 # of `segpipe --help`; the whole docstring: `segpipe <stage> --help`), its add_arguments(parser)
@@ -34,6 +36,10 @@ STAGES: dict[str, str] = {
     "predict": "pipeline.stages.predict",
     "bench": "pipeline.stages.bench",
 }
+
+# stage flags that stand for a top-level params key (`train --seed N` runs with seed N): checked
+# against that key's schema before the stage runs, as -S seed=N would be
+FLAG_KEYS = ("seed",)
 
 
 def stage_source(module: str) -> ast.Module:
@@ -118,12 +124,16 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    handle_sigterm()  # SIGTERM unwinds like Ctrl-C: runs end KILLED, exit 143
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if not args.stage:
             parser.print_help()
             return 2
+        for key in FLAG_KEYS:
+            if getattr(args, key, None) is not None:
+                check_key(key, getattr(args, key), f"--{key}")
         if args.quiet:  # every stage's progress goes through the `pipeline` logger
             logging.getLogger("pipeline").setLevel(logging.WARNING)
         module = importlib.import_module(STAGES[args.stage])
@@ -135,10 +145,24 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.Terminated)
+        print(f"error: interrupted ({getattr(exc, 'signal_name', 'SIGINT')})", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
+
+
+def entry() -> None:
+    """The `segpipe` command (and `python -m pipeline.cli`): main(), then exit with its code. After
+    Ctrl-C / SIGTERM (130 / 143) every run is already ended and Ray shut down, but a driver thread
+    may still sit in Ray's C++ code, and tearing the interpreter down around it can crash (SIGSEGV):
+    the process then ends at once (os._exit), after flushing its output."""
+    code = main()
+    if code in (130, 143):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

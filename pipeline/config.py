@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 from pipeline.storage import REPO
@@ -36,8 +37,96 @@ MAX_SIDE_REASON = ("larger squares need tens of GB per image (VOC images are at 
                    "the usual crop is 513)")
 
 
+# A seed reaches torch.manual_seed, random.seed, numpy's legacy seeding (Optuna's TPE sampler, Ray
+# Tune's BasicVariantGenerator(random_state=...)) and seed * 1_000_003 + ... of the data order:
+# numpy's RandomState takes 0..2**32 - 1, the smallest of them.
+MAX_SEED = 2**32 - 1
+
+# Bounds on reading a params file or a -S value, so that hostile or broken YAML is one error line
+# in milliseconds (the repo's params.yaml: ~9 KB, ~350 values, 8 levels, no anchors):
+MAX_PARAMS_BYTES = 1 << 20   # size of a params file
+MAX_DEPTH = 32               # levels of nesting; a -S key's dotted parts count as levels
+MAX_NODES = 20_000           # values, each alias (*name) counted as what it repeats: a bomb has 10**8
+MAX_NUMBER_CHARS = 100       # characters of one number (int() refuses more than 4300 digits)
+
+
 class ParamsError(UserError):
     """Bad params: unknown key, wrong type or bad value."""
+
+
+class _Refused(yaml.YAMLError):
+    """YAML over one of the bounds: ``what`` is the bound, ``mark`` where in the text."""
+
+    def __init__(self, what: str, mark):
+        super().__init__(what)
+        self.what, self.mark = what, mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader within the bounds above: nesting and the node count with every alias
+    expanded are measured while the document is composed (before any object is built, so an alias
+    bomb costs its own size, not its expansion); number literals are refused past
+    MAX_NUMBER_CHARS characters. ``max_depth``: the levels the document may use."""
+
+    def __init__(self, stream: str, max_depth: int = MAX_DEPTH):
+        super().__init__(stream)
+        self.max_depth = max_depth
+        self._level = 0
+        self._total = 0  # nodes composed so far, each alias counted as the nodes it stands for
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes with aliases expanded, levels)
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        alias = self.check_event(yaml.AliasEvent)
+        self._level += 1
+        try:
+            if self._level > self.max_depth:
+                raise _Refused(f"nested more than {self.max_depth} levels deep", mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._level -= 1
+        if alias and id(node) not in self._sizes:
+            raise _Refused("an alias inside its own anchor (a recursive structure)", mark)
+        if not alias:
+            kids = (node.value if isinstance(node, yaml.SequenceNode)
+                    else [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else ())
+            self._sizes[id(node)] = (1 + sum(self._sizes[id(k)][0] for k in kids),
+                                     1 + max((self._sizes[id(k)][1] for k in kids), default=0))
+        size, levels = self._sizes[id(node)]
+        self._total += size if alias else 1
+        if self._total > MAX_NODES:
+            raise _Refused(f"more than {MAX_NODES} values (aliases *name counted as what they repeat)", mark)
+        if self._level + levels > self.max_depth:
+            raise _Refused(f"nested more than {self.max_depth} levels deep once its aliases are expanded", mark)
+        return node
+
+    def _number(self, node) -> None:
+        if len(node.value) > MAX_NUMBER_CHARS:
+            raise _Refused(f"a number of {len(node.value)} characters (at most {MAX_NUMBER_CHARS})",
+                           node.start_mark)
+
+    def construct_yaml_int(self, node):
+        self._number(node)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        self._number(node)
+        return super().construct_yaml_float(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:float", _BoundedLoader.construct_yaml_float)
+
+
+def safe_load(text: str, max_depth: int = MAX_DEPTH) -> Any:
+    """yaml.safe_load within the bounds of :class:`_BoundedLoader`: raises yaml.YAMLError (_Refused
+    past a bound), or ValueError / OverflowError for a value YAML matched but Python cannot build
+    (a timestamp 2024-13-45)."""
+    loader = _BoundedLoader(text, max_depth)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 @functools.cache
@@ -45,7 +134,7 @@ def repo_defaults() -> dict:
     """The committed params.yaml of the checkout: the one home of every default value ({} when the
     package runs without its checkout: every key is then required)."""
     path = REPO / "params.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return read_yaml(path) if path.is_file() else {}
 
 
 def _defaults_at(section: str) -> dict:
@@ -61,7 +150,8 @@ class _Strict(BaseModel):
     before validation, so ``DataParams(source="sample")`` in code and a params file without some
     key both get params.yaml's values."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float knob is a finite number (.inf / .nan are refused by name)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     SECTION: ClassVar[str | None] = None
 
     @model_validator(mode="before")
@@ -78,7 +168,7 @@ class SyntheticParams(_Strict):
     train_count: int = Field(ge=1, description="number of generated train scenes")
     val_count: int = Field(ge=1, description="number of generated val scenes")
     size: int = Field(ge=32, le=2048, description="side of the square generated images")
-    seed: int = Field(ge=0, description="generation seed (same seed, same bytes)")
+    seed: int = Field(ge=0, le=MAX_SEED, description="generation seed (same seed, same bytes)")
     max_objects: int = Field(ge=1, le=10, description="objects per scene")
     classes: list[int] = Field(description="VOC class ids the scenes draw from")
 
@@ -307,8 +397,8 @@ def check_space_entry(where: str, value: Any) -> None:
             raise ValueError(f"{where}.{kind}: needs a non-empty list of values")
         return
     if (not isinstance(arg, list) or len(arg) != 2
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in arg)):
-        raise ValueError(f"{where}.{kind}: needs [low, high] (two numbers)")
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in arg)):
+        raise ValueError(f"{where}.{kind}: needs [low, high] (two finite numbers)")
     if not arg[0] < arg[1]:
         raise ValueError(f"{where}.{kind}: low must be < high, got {arg}")
     if kind == "loguniform" and arg[0] <= 0:
@@ -362,8 +452,8 @@ class Params(_Strict):
 
     profile: str = Field(description="the recipe profile these params come from (profiles/<name>.yaml; "
                          "`segpipe quickstart --profile` sets it): tagged on every run, its published anchors in the report")
-    seed: int = Field(ge=0, description="the run's seed when `segpipe train` gets no --seed")
-    seeds: list[int] = Field(description="DVC's train matrix runs families x seeds")
+    seed: int = Field(ge=0, le=MAX_SEED, description="the run's seed when `segpipe train` gets no --seed")
+    seeds: list[int] = Field(description="DVC's train matrix runs families x seeds (each in 0..4294967295)")
     data: DataParams
     train: TrainParams
     families: dict[str, FamilyParams] = Field(description="family -> its model, options and train overrides")
@@ -378,8 +468,9 @@ class Params(_Strict):
     def _seeds(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("needs at least one seed")
-        if any(s < 0 for s in v):
-            raise ValueError(f"seeds must be >= 0, got {v}")
+        bad = [s for s in v if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise ValueError(f"seeds must be in 0..{MAX_SEED} (numpy's seed range), got {bad[:3]}")
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be distinct, got {v}")
         return v
@@ -394,13 +485,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ParamsError(f"override {text!r} must look like dotted.key=value (-S)")
     key, raw = text.split("=", 1)
     key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ParamsError(f"override {text!r} has an empty key (-S)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.split(".")
+    if not key or any(not part for part in parts):
+        raise ParamsError(f"override {_short(text)!r} has an empty key (-S)")
+    if len(parts) >= MAX_DEPTH:
+        raise ParamsError(f"override key {_short(key)!r} has {len(parts)} parts: params nest at most "
+                          f"{MAX_DEPTH} levels (-S)")
+    try:  # the value sits len(parts) levels below the top
+        value = safe_load(raw, MAX_DEPTH - len(parts)) if raw.strip() else ""
+    except _Refused as exc:
+        raise ParamsError(f"the value of -S {_short(key)} is refused: {exc.what} (-S {_short(key)})") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"cannot parse the value of -S {key}: {exc.__class__.__name__}") from None
-    return key.split("."), value
+        raise ParamsError(f"cannot parse the value of -S {_short(key)}: {exc.__class__.__name__}") from None
+    except (ValueError, OverflowError) as exc:
+        raise ParamsError(f"cannot read the value of -S {_short(key)}: {_short(str(exc))} (-S {_short(key)})") from None
+    return parts, value
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters for an error line."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_key(key: str, value: Any, where: str) -> None:
+    """``value`` checked as the top-level params key ``key`` takes it, for a stage flag that stands
+    for the key (`train --seed`): a ParamsError naming ``where`` when the schema refuses it."""
+    field = Params.model_fields[key]
+    try:
+        TypeAdapter(Annotated[(field.annotation, *field.metadata)]).validate_python(value)
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ParamsError(f"{key}: {msg}, got {_short(str(value))} ({where})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -432,16 +547,41 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return f"bad params in {source}: " + "; ".join(msgs)
 
 
+def _read_text(p: Path) -> str:
+    """The UTF-8 text of the params file ``p``, at most MAX_PARAMS_BYTES long."""
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_PARAMS_BYTES + 1)
+    except OSError as exc:
+        raise ParamsError(f"cannot read the params file {p} ({exc.strerror or exc}) (-p)") from None
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{p} is larger than {MAX_PARAMS_BYTES >> 20} MiB: a params file is a few KB "
+                          f"(params.yaml ~9 KB); check -p (-p)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ParamsError(f"{p} line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}): "
+                          f"save it as UTF-8 (-p)") from None
+
+
 def read_yaml(path: str | Path) -> dict:
+    """A params file (params.yaml, a -p file, a tune's best_params.yaml) as a dict, read within the
+    bounds of :func:`safe_load`; anything wrong is a ParamsError naming the file."""
     p = Path(path)
     if not p.is_file():
         raise ParamsError(f"params file not found: {p} (-p)")
+    text = _read_text(p)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = safe_load(text) or {}
+    except _Refused as exc:
+        raise ParamsError(f"{p} line {exc.mark.line + 1} is refused: {exc.what} (-p)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{p}{where} is not valid YAML") from None
+    except (ValueError, OverflowError) as exc:
+        raise ParamsError(f"{p} holds a value YAML cannot build ({_short(str(exc))}) (-p)") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{p} must hold a mapping of keys at the top level")
     return raw

@@ -94,9 +94,33 @@ def open_parquet(location: str):
     return pq.ParquetFile(fs.open_input_file(path))
 
 
-def swap_in(new: Path, dest: Path) -> None:
+OWNER_MARK = ".segpipe"  # in every directory segpipe replaces as a whole: the proof that it made it
+_MARK_TEXT = "made by segpipe: the next run replaces this directory as a whole; do not keep your files here\n"
+
+
+def made_by_segpipe(path: Path, legacy: tuple[str, ...] = ()) -> bool:
+    """True when `path` does not exist or carries segpipe's mark (OWNER_MARK, or one of the `legacy`
+    files an older segpipe wrote there before the mark existed)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return True
+    return path.is_dir() and any((path / name).is_file() for name in (OWNER_MARK, *legacy))
+
+
+def check_owned(path: Path, knob: str, legacy: tuple[str, ...] = ()) -> None:
+    """Refuse to replace a directory segpipe did not make (a user's own folder in its place)."""
+    if not made_by_segpipe(path, legacy):
+        raise UserError(f"{path} exists and segpipe did not make it (no {OWNER_MARK} file in it): segpipe "
+                        f"replaces it as a whole, so move your files away or choose another {knob}; "
+                        f"nothing was changed ({knob})")
+
+
+def swap_in(new: Path, dest: Path, knob: str = "data.dir", legacy: tuple[str, ...] = ()) -> None:
     """Replace the local directory `dest` by the complete `new` one (two renames: readers see the
-    old or the new set, never a mix); the old set is removed afterwards."""
+    old or the new set, never a mix); the old set is removed afterwards. Only a `dest` segpipe made
+    is replaced (check_owned); `new` gets the mark."""
+    check_owned(dest, knob, legacy)
+    (new / OWNER_MARK).write_text(_MARK_TEXT)
     old = dest.with_name(f".{dest.name}-old")
     if old.exists():
         shutil.rmtree(old)

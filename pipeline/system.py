@@ -91,6 +91,22 @@ def machine_info() -> dict:
     return info
 
 
+def handle_sigterm() -> None:
+    """SIGTERM -> errors.Terminated in the main thread (a KeyboardInterrupt: every `ending_run` ends
+    its MLflow run KILLED, the CLI exits 143). Installed by the CLI and again after ray.init, whose
+    own handler (sys.exit from inside Ray) would end the process with a native abort."""
+    import signal
+    import threading
+
+    from pipeline.errors import Terminated
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
+
+
 def ray_init(address: str = "", *, num_cpus: int | None = None, temp_dir: str | Path | None = None,
              log_to_driver: bool | None = None) -> bool:
     """Connect to Ray once per process; returns True when this call started a local Ray (the caller
@@ -112,9 +128,11 @@ def ray_init(address: str = "", *, num_cpus: int | None = None, temp_dir: str | 
         log_to_driver = os.environ.get("SEGPIPE_RAY_LOGS", "") not in ("", "0")
     if address and os.environ.get(SHARED_ENV) != address:
         ray.init(address=address, log_to_driver=log_to_driver)
+        handle_sigterm()
         return False
     if address:  # the local Ray a `segpipe quickstart` started for all its stages: same set-up as our own
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=_local_runtime_env())
+        handle_sigterm()
         return False
     kwargs = {"num_cpus": num_cpus} if num_cpus else {}
     if temp_dir is not None:
@@ -122,6 +140,7 @@ def ray_init(address: str = "", *, num_cpus: int | None = None, temp_dir: str | 
         kwargs["_temp_dir"] = str(temp_dir)
     ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
              runtime_env=_local_runtime_env(), **kwargs)
+    handle_sigterm()
     return True
 
 

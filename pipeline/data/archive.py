@@ -4,6 +4,8 @@
   Python's ``"data"`` extraction filter plus a few stricter checks (:class:`_StrictFilter`).
 - :class:`ExtractLimits` bounds the member count, total size and expansion ratio of one archive
   (params ``data.extract_max_gb`` / ``extract_max_members`` / ``extract_max_ratio``).
+- :class:`BoundedTarInfo` bounds the extension headers (pax, GNU long names) before tarfile parses
+  them: their size, how many precede one member and the digit runs of a pax header.
 
 Every failure the user can act on is a :class:`~pipeline.errors.UserError` with a one-line message
 that names the archive (and the member) and says nothing was extracted.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -25,7 +28,76 @@ from tqdm import tqdm
 from pipeline.data.download import os_reason, tqdm_disable
 from pipeline.errors import UserError
 
-__all__ = ["safe_extract", "ExtractLimits"]
+__all__ = ["safe_extract", "ExtractLimits", "BoundedTarInfo"]
+
+# An extension header (pax 'x' / 'g' / Solaris 'X', GNU long name 'L' / long link 'K') is read whole
+# and parsed before its member. Python < 3.12.6 parses pax records with regexes quadratic in a run
+# of digits (CVE-2024-6232: a 385-byte .tar.gz with one 250,000-digit record costs 60-100 s of CPU).
+MAX_EXT_HEADER = 64 << 10  # bytes of one extension header (a path is <= 4 KiB); 64 KiB parses in ms
+MAX_EXT_CHAIN = 8          # extension headers before one member (a real one has at most g, x, L, K)
+MAX_PAX_DIGITS = 64        # digits in a row in a pax header (its numbers have <= 20)
+_PAX = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+_GNU_LONG = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
+class UnsafeHeader(tarfile.TarError):
+    """A member header refused before tarfile parses it (the message says which and why)."""
+
+
+class _Replay:
+    """The archive's file object, whose next read returns ``first``: bytes already read from it
+    (checked before tarfile parses them); everything else is the file object's own."""
+
+    def __init__(self, raw, first: bytes):
+        self._raw, self._first = raw, first
+
+    def read(self, size=-1):
+        if self._first is None:
+            return self._raw.read(size)
+        first, self._first = self._first, None
+        return first
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo with bounded extension headers (MAX_EXT_HEADER, MAX_EXT_CHAIN,
+    MAX_PAX_DIGITS), checked before tarfile reads or parses them; a header tarfile fails on with
+    ValueError, IndexError or MemoryError (a 5000-digit pax length...) is an UnsafeHeader too."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            return super().fromtarfile(tarfile_)
+        except (ValueError, IndexError, OverflowError, MemoryError, RecursionError) as e:
+            raise UnsafeHeader(f"an unreadable member header after byte {tarfile_.offset} "
+                               f"({type(e).__name__})") from None
+
+    def _proc_member(self, tarfile_):
+        if self.type not in _PAX + _GNU_LONG:
+            return super()._proc_member(tarfile_)
+        kind = "pax" if self.type in _PAX else "GNU long name"
+        if self.size > MAX_EXT_HEADER:
+            raise UnsafeHeader(f"a {kind} header of {self.size} bytes at byte {self.offset} "
+                               f"(at most {MAX_EXT_HEADER})")
+        chain = getattr(tarfile_, "_segpipe_chain", 0)
+        if chain >= MAX_EXT_CHAIN:
+            raise UnsafeHeader(f"more than {MAX_EXT_CHAIN} extension headers in a row at byte {self.offset}")
+        raw = tarfile_.fileobj
+        tarfile_._segpipe_chain = chain + 1
+        try:
+            if self.type in _PAX:
+                buf = raw.read(self._block(self.size))
+                run = max(map(len, re.findall(rb"[0-9]+", buf)), default=0)
+                if run > MAX_PAX_DIGITS:
+                    raise UnsafeHeader(f"a pax header with {run} digits in a row at byte {self.offset} "
+                                       f"(at most {MAX_PAX_DIGITS})")
+                tarfile_.fileobj = _Replay(raw, buf)  # tarfile's _proc_pax reads the header first
+            return super()._proc_member(tarfile_)
+        finally:
+            tarfile_.fileobj = raw
+            tarfile_._segpipe_chain = chain
 
 
 class ExtractLimits:
@@ -75,6 +147,7 @@ class _Budget:
             self._stop(f"it holds more than {lim.max_members} members", lim.knobs["members"],
                        " raises the limit")
         self.bytes += max(0, int(member.size)) if member.isreg() else 0
+        self.bytes += max(0, member.offset_data - member.offset)  # its headers (pax, long names) expand too
         if self.bytes > lim.max_bytes:
             self._stop(f"it expands to more than {lim.max_bytes / (1 << 30):.3g} GB", lim.knobs["bytes"],
                        " raises the limit")
@@ -270,9 +343,11 @@ def _extract_all(archive: Path, tmp: str, limits: ExtractLimits, progress: bool,
     member being extracted (for the error message)."""
     raw = open(archive, "rb")
     try:
-        tf = tarfile.open(fileobj=raw, mode="r:*")
-    except tarfile.ReadError:
+        tf = tarfile.open(fileobj=raw, mode="r:*", tarinfo=BoundedTarInfo)
+    except BaseException as e:
         raw.close()
+        if not isinstance(e, tarfile.ReadError):
+            raise
         raise UserError(
             f"cannot extract {archive}: not a tar archive (plain, gz, bz2 or xz), or truncated / "
             f"corrupt: check data.source or delete it and download it again"
@@ -300,6 +375,9 @@ def _extract_error(e: Exception, archive: Path, dest_dir: Path, member: tarfile.
         return e
     if isinstance(e, _LimitExceeded):
         return UserError(str(e))
+    if isinstance(e, UnsafeHeader):
+        return UserError(f"refused archive {archive}: {e}: a hostile or corrupt tar (data.source); "
+                         f"nothing was extracted")
     if isinstance(e, tarfile.FilterError):
         return UserError(f"refused archive {archive}: {_describe_filter_error(e)}; nothing was extracted")
     if isinstance(e, (tarfile.TarError, EOFError, zlib.error, KeyError)):

@@ -45,7 +45,27 @@ def load_manifest(data_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict) \
             or not isinstance(manifest.get("splits"), dict):
         raise UserError(f"{path} is not a segpipe manifest: re-run `segpipe preprocess` (data.dir)")
+    bad = _bad_entry(manifest)
+    if bad:
+        raise UserError(f"{path} is damaged: {bad} is not what `segpipe preprocess` writes: re-run it (data.dir)")
     return manifest
+
+
+# what `segpipe preprocess` writes for each shard and each split (pipeline.data.shards)
+_SHARD_ENTRY = {"rows": int, "bytes": int, "sha256": str}
+_SPLIT_ENTRY = {"count": int}
+
+
+def _bad_entry(manifest: dict) -> str | None:
+    """The first entry of manifest.json's shards / splits that is not a mapping of the fields its
+    readers use, with their types (named shortly, for the error line); None when all are."""
+    for section, fields in (("shards", _SHARD_ENTRY), ("splits", _SPLIT_ENTRY)):
+        for name, entry in manifest[section].items():
+            ok = isinstance(entry, dict) and all(
+                isinstance(entry.get(k), t) and not isinstance(entry.get(k), bool) for k, t in fields.items())
+            if not ok:
+                return f"{section}[{json.dumps(name)[:60]}]"
+    return None
 
 
 def verify_shards(data_dir: str | Path, splits: tuple[str, ...] | None = None) -> dict:

@@ -33,10 +33,14 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.config import Params
+from pipeline.data.checks import check_id_lists
 from pipeline.data.download import sha256sum
 from pipeline.data.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, RawLayout, read_id_list
 from pipeline.errors import UserError
-from pipeline.storage import clean_debris, os_error, writer_lock
+from pipeline.storage import check_owned, clean_debris, os_error, writer_lock
+
+# a shards/ written before the ownership mark (pipeline.storage.OWNER_MARK) existed has its manifest
+SHARDS_LEGACY = ("manifest.json",)
 
 SCHEMA = pa.schema(
     [
@@ -55,6 +59,11 @@ def _encode_mask(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr, mode="L").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _png_bit_depth(data: bytes) -> int:
+    """The bit depth in a PNG's IHDR (byte 24); 0 when the header is not there."""
+    return data[24] if len(data) > 25 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" else 0
 
 
 def load_pair(job: tuple[str, str, str, str]) -> dict:
@@ -94,7 +103,9 @@ def load_pair(job: tuple[str, str, str, str]) -> dict:
     bad = [v for v in np.nonzero(hist)[0].tolist() if v >= NUM_CLASSES and v != IGNORE_INDEX]
     if bad:
         return {"id": sid, "split": split, "error": f"mask values outside 0..20 and 255: {bad[:8]}"}
-    if mfmt != "PNG":
+    if mfmt != "PNG" or _png_bit_depth(mask_bytes) != 8:
+        # training decodes the stored bytes with torchvision (decode_png, UNCHANGED), which reads a
+        # 1/2/4-bit palette PNG's samples scaled to 8 bits (15 -> 255): store what PIL read, as 8-bit
         mask_bytes = _encode_mask(arr.astype(np.uint8))
     counts = hist[:NUM_CLASSES].tolist() + [int(hist[IGNORE_INDEX])]
     return {"id": sid, "split": split, "image": img_bytes, "mask": mask_bytes,
@@ -176,6 +187,7 @@ def preprocess(p: Params, progress: bool = True) -> dict:
     if not data_dir.is_dir():
         RawLayout.load(data_dir / "raw")  # nothing fetched: say so before creating anything
     with writer_lock(data_dir):
+        check_owned(data_dir / "shards", "data.dir", SHARDS_LEGACY)
         try:
             clean_debris(data_dir)
             return _preprocess(p, progress)
@@ -196,10 +208,23 @@ def _jobs(layout: RawLayout, voc_root: Path, tune_split) -> dict[str, list[tuple
         ]
         if not jobs[split]:
             raise UserError(f"split list {list_file} is empty (data.source)")
+    # ids unique per list, val disjoint from train: before any image is read (data.checks)
+    check_id_lists({s: [j[1] for j in js] for s, js in jobs.items()},
+                   {s: str(voc_root / rel) for s, rel in layout.splits.items()}, "data.source")
     tune_ids = tune_split_ids([j[1] for j in jobs.get("train", [])], tune_split)
     if tune_ids:  # its own split, rows copied from train: trials train on train-tune and select on tune
         jobs["tune"] = [("tune", *j[1:]) for j in jobs["train"] if j[1] in tune_ids]
     return jobs
+
+
+def _pool_worker_signals() -> None:
+    """A forked pool worker ends on SIGTERM (Pool.terminate sends it) instead of running the CLI's
+    handler (pipeline.system.handle_sigterm), which would leave it holding the pool's queue lock;
+    Ctrl-C is the parent's to handle."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _preprocess(p: Params, progress: bool = True) -> dict:
@@ -214,16 +239,17 @@ def _preprocess(p: Params, progress: bool = True) -> dict:
     manifest: dict = {"version": MANIFEST_VERSION, "source": layout.source, "splits": {}, "shards": {},
                       # which list the train split is (train_aug = VOC train + SBD, the recipe's data)
                       "train_list": Path(layout.splits.get("train", "")).stem, "train_from": layout.train_from}
-    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+    pool = mp.get_context("fork").Pool(workers, initializer=_pool_worker_signals) if workers > 1 else None
     try:
         errors = _write_splits(p, jobs, new_dir, manifest, pool, progress)
-        if errors:
+        if errors:  # the first few, each cut short: one line however many pairs are bad
+            more = f"; ... and {len(errors) - 5} more" if len(errors) > 5 else ""
             raise UserError(
                 f"{len(errors)} bad image/mask pair(s), no shards written (earlier shards untouched): "
-                + "; ".join(errors)
+                + "; ".join(e if len(e) <= 120 else e[:117] + "..." for e in errors[:5]) + more
             )
         (new_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        storage.swap_in(new_dir, data_dir / "shards")
+        storage.swap_in(new_dir, data_dir / "shards", "data.dir", SHARDS_LEGACY)
     finally:
         if pool is not None:
             pool.terminate()

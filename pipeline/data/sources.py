@@ -29,7 +29,7 @@ from pipeline.data.archive import ExtractLimits, safe_extract
 from pipeline.data.download import download
 from pipeline.data.sbd import build_train_aug, read_ids
 from pipeline.data.synthetic import generate
-from pipeline.data.voc import ID_PATTERN, RawLayout, find_voc_root
+from pipeline.data.voc import ID_PATTERN, RAW_LEGACY, RawLayout, find_voc_root
 from pipeline.errors import UserError
 from pipeline.storage import REPO, clean_debris, ensure_dir, os_error, writer_lock
 
@@ -222,13 +222,14 @@ def fetch(p: Params, progress: bool = True) -> RawLayout:
         src = p.data.source
         label = "the fetched dataset" if src in ("synthetic",) else f"{Path(src).name if Path(src).is_file() else src} (extracted)"
         try:
+            storage.check_owned(raw, "data.dir", RAW_LEGACY)
             clean_debris(data_dir)
             new_raw.mkdir()
             try:
                 layout = _fetch_into(p, new_raw, progress)
                 _check_splits(layout.root(new_raw), layout.splits)
                 layout.save(new_raw)
-                storage.swap_in(new_raw, raw)
+                storage.swap_in(new_raw, raw, "data.dir", RAW_LEGACY)
             finally:
                 if new_raw.exists():
                     shutil.rmtree(new_raw, ignore_errors=True)

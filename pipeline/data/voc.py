@@ -46,6 +46,10 @@ def read_id_list(path: Path) -> list[str]:
     return ids
 
 
+# a raw/ fetched before the ownership mark (pipeline.storage.OWNER_MARK) existed has its source.json
+RAW_LEGACY = ("source.json",)
+
+
 @dataclass
 class RawLayout:
     """What `segpipe fetch` leaves for `segpipe preprocess`: where the VOC root is and which

@@ -82,21 +82,25 @@ def _register(c, uri: str, groups, say) -> None:
                 f"(run {g.registered['run_id']}{', new' if g.registered['new'] else ''})")
 
 
+FIGURES_LEGACY = ("../comparison.json",)  # figures/ of a report written before pipeline.storage.OWNER_MARK
+
+
 def _write(out_dir: Path, draw, summarise) -> tuple[dict, dict]:
     """Draw the figures and write comparison.json / comparison.md in a staging folder, then move them
     into out_dir (figures/ as a whole, then the JSON, then the Markdown). Returns (comparison, figures)."""
     from pipeline.figures.report import FIGURES
     from pipeline.reporting.markdown import render
-    from pipeline.storage import swap_in
+    from pipeline.storage import check_owned, swap_in
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_owned(out_dir / FIGURES, "train.reports_dir", FIGURES_LEGACY)
     staging = Path(tempfile.mkdtemp(prefix=".comparison-", dir=out_dir))
     try:
         figs = draw(staging / FIGURES)
         summary = summarise(figs)
         (staging / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
         (staging / "comparison.md").write_text(render(summary))
-        swap_in(staging / FIGURES, out_dir / FIGURES)
+        swap_in(staging / FIGURES, out_dir / FIGURES, "train.reports_dir", FIGURES_LEGACY)
         os.replace(staging / "comparison.json", out_dir / "comparison.json")
         os.replace(staging / "comparison.md", out_dir / "comparison.md")
     finally:
@@ -110,8 +114,10 @@ def build(p: Params, progress: bool = True) -> dict:
     from pipeline.reporting.compare import to_comparison, tuned_families
     from pipeline.reporting.measure import measure_groups
     from pipeline.system import device_name, pick_device
+    from pipeline.storage import check_owned
     from pipeline.tracking.report import tune_best_configs, tune_trials
 
+    check_owned(Path(p.train.reports_dir) / figures.FIGURES, "train.reports_dir", FIGURES_LEGACY)  # before any work
     say = log.info if progress else (lambda *a, **k: None)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     c, uri, exp, groups, left_out, missing = _collect(p, say)

@@ -65,10 +65,14 @@ def run(p: Params, args) -> int:
     from pipeline import tracking
     from pipeline.data.loaders import verify_shards
     from pipeline.training.job import check_data
+    from pipeline.storage import check_owned
+    from pipeline.tuning.results import TUNE_LEGACY, out_dir
     from pipeline.tuning.runner import check_resources, tune_family
     from pipeline.tuning.space import resolve_space
 
     spaces = [resolve_space(p, fam) for fam in families]  # the whole space is checked before any trial
+    for fam in families:  # the result folder each tune replaces at its end: segpipe's, or refused now
+        check_owned(out_dir(p, fam), "train.reports_dir", TUNE_LEGACY)
     check_data(p)
     tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
     if p.data.verify_shards:

@@ -7,6 +7,9 @@ URL and runs until Ctrl-C, then stops the server. In the UI: experiment `segpipe
 Starts `mlflow server` (its own process group, so stopping it stops all of its workers), waits until
 it answers, prints the URL and keeps running until Ctrl-C, SIGTERM or SIGHUP (terminal closed);
 then stops the server's whole process tree (by process group and by PID) and exits 0.
+
+The server accepts loopback Host headers only (LOOPBACK_HOSTS; MLflow's own default would also
+accept every private address, e.g. `Host: 192.168.0.7`, which a DNS-rebinding page can send).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+# `mlflow server --allowed-hosts` of a loopback bind: the loopback names, with any port (fnmatch; IPv6 bracketed)
+LOOPBACK_HOSTS = ["localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", "[::1]", "[[]::1]:*"]
 
 
 def add_arguments(parser) -> None:
@@ -58,7 +63,8 @@ def _answers(url: str) -> bool:
 def server_command(uri: str, port: int) -> list[str]:
     mlflow = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow)] if mlflow.exists() else [sys.executable, "-m", "mlflow"]
-    cmd += ["server", "--backend-store-uri", uri, "--host", HOST, "--port", str(port), "--workers", "1"]
+    cmd += ["server", "--backend-store-uri", uri, "--host", HOST, "--port", str(port), "--workers", "1",
+            "--allowed-hosts", ",".join(LOOPBACK_HOSTS)]
     if uri.startswith("sqlite:///"):  # experiments the UI creates keep their artifacts beside the database
         cmd += ["--default-artifact-root", (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()]
     return cmd

@@ -80,8 +80,13 @@ def check_resume_checkpoints(storage_path: str, run_name: str) -> None:
 def load_checkpoint_model(path: str | Path):
     """A state.pt of a Ray checkpoint or a <family>-seed<N>.pt -> (eval-mode model, state dict)."""
     state = load_state(path)
-    model = build_model(state["model_name"], num_classes=NUM_CLASSES, **state["options"])
-    model.load_state_dict(state["model"])
+    try:
+        model = build_model(state["model_name"], num_classes=NUM_CLASSES, **state["options"])
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a missing key, a wrong shape or name
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} does not hold a model segpipe can build ({first}): re-train it or pass another "
+                        f"checkpoint") from None
     return model.eval(), state
 
 

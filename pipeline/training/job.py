@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import secrets
 import tempfile
 import threading
 import time
@@ -24,6 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import storage, system, tracking
 from pipeline.config import Params, family_params
+from pipeline.data.checks import check_shards
 from pipeline.data.loaders import load_manifest, verify_shards
 from pipeline.data.voc import NUM_CLASSES
 from pipeline.errors import UserError
@@ -33,6 +35,7 @@ from pipeline.training import dist as collective
 from pipeline.training import outputs
 from pipeline.training.inference import predict_images
 from pipeline.training.checkpoint import check_resume_checkpoints, load_checkpoint_model, save_model_file
+from pipeline.training.resources import check_fit, check_outputs
 from pipeline.training.spec import WorkerSpec
 from pipeline.training.progress import ProgressPrinter, make_epoch_callback
 from pipeline.training.worker import WORKER_ERROR, train_loop_per_worker
@@ -97,10 +100,10 @@ def check_model(model: str, options: dict, where: str = "train.model") -> None:
 
 
 def check_data(p: Params) -> dict:
+    """The shards the run reads, checked against themselves (data.checks.check_shards): no empty
+    split, manifest counts = listed rows, ids unique, val disjoint from train and tune."""
     manifest = load_manifest(p.data.dir)
-    for split in ("train", "val"):
-        if manifest["splits"].get(split, {}).get("count", 0) == 0:
-            raise UserError(f"no {split} images in {p.data.dir}/shards: re-run `segpipe preprocess` (data.dir)")
+    check_shards(p.data.dir, manifest)
     return manifest
 
 
@@ -122,13 +125,15 @@ def use_gpu(p: Params) -> bool:
 
 
 def ray_run_name(job: Job, storage_path: str) -> str:
-    """resume: the latest run of this family/model/seed under storage; else a new timestamped one."""
+    """resume: the latest run of this family/model/seed under storage; else a new one, named by the
+    time and a random suffix: two runs of the same family and seed started in the same second (two
+    terminals, two `train --all` jobs) never share a run directory, checkpoints or segpipe_run.json."""
     prefix = f"{job.family}-{job.model}-seed{job.params.seed}"
     if job.params.train.resume:
         runs = [d for d in storage.list_dirs(storage_path) if d.startswith(prefix + "-")]
         if runs:
             return runs[-1]
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def fit(job: Job, callbacks: list | None = None):
@@ -147,6 +152,50 @@ def fit(job: Job, callbacks: list | None = None):
                              callbacks=callbacks or []),
     )
     return trainer.fit()
+
+
+STOPPING = threading.Event()  # set while Ctrl-C / SIGTERM stops this driver's runs: they end KILLED
+
+
+def wait_interruptibly(threads: list[threading.Thread]) -> None:
+    """Wait for driver threads running fit(); Ctrl-C / SIGTERM (a KeyboardInterrupt in the main
+    thread) shuts this driver's Ray down, which ends every run's controller and workers, lets the
+    threads end (their MLflow runs KILLED: STOPPING) and goes on as the interrupt."""
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.5)
+    except KeyboardInterrupt:
+        STOPPING.set()
+        try:
+            ray.shutdown()
+            for t in threads:
+                t.join(timeout=30)
+        finally:
+            STOPPING.clear()
+        raise
+
+
+def _fit_in_thread(job: Job, callbacks: list):
+    """fit() in a driver thread, the main thread waiting (wait_interruptibly): Ray Train installs
+    its own SIGINT handler when fit() runs in the main thread, and a Ctrl-C then ends the run as a
+    failure (exit 1, FAILED). In a thread (train --all's runs, Tune's trials) it installs none."""
+    if threading.current_thread() is not threading.main_thread():
+        return fit(job, callbacks=callbacks)
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fit(job, callbacks=callbacks)
+        except BaseException as exc:  # handed to the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"train-{job.family}", daemon=True)
+    thread.start()
+    wait_interruptibly([thread])
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _worker_failure(exc: Exception) -> UserError | None:
@@ -168,6 +217,8 @@ def train(p: Params, family: str | None = None, progress: bool = True, *, label:
     p = job.params  # with the family's own train block merged
     if not checked:
         preflight(p)
+        check_fit(p)  # workers that can never be placed would wait forever
+    check_outputs(p, job.model, job.options)  # found after the last epoch otherwise
     storage_path = storage.resolve(p.ray.storage_path)  # local/shared path or s3://, gs://
     job = job.with_(label=label, storage_path=storage_path, ray_name=ray_run_name(job, storage_path))
     if p.train.resume:
@@ -175,12 +226,12 @@ def train(p: Params, family: str | None = None, progress: bool = True, *, label:
     job = job.with_(run_id=track.open_run(job))
     log.info(f"[{job.label or job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}")
     started = time.time()
-    with tracking.ending_run(job.tracking_uri, job.run_id):
+    with tracking.ending_run(job.tracking_uri, job.run_id, stopping=STOPPING.is_set):
         ray_init(p)
         try:
             # -q: no progress channel at all (no queue actor, no printing thread)
             with (ProgressPrinter() if progress else contextlib.nullcontext()) as queue:
-                result = fit(job, callbacks=[make_epoch_callback(job, queue)])
+                result = _fit_in_thread(job, [make_epoch_callback(job, queue)])
         except Exception as exc:
             failure = _worker_failure(exc)
             if failure is None:
@@ -240,6 +291,7 @@ def _check_all(p: Params) -> str:
     for fam in p.families:
         resolve_job(p, fam)
     preflight(p)
+    check_fit(p)
     uri = tracking.resolve_tracking_uri(p.mlflow.tracking_uri)
     tracking.experiment_id(tracking.client(uri), p.mlflow.experiment)  # created once, not raced by the runs
     return uri
@@ -284,13 +336,5 @@ def train_all(p: Params, progress: bool = True) -> list[RunOutcome]:
                    for o in outcomes]
         for t in threads:
             t.start()
-        try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(timeout=0.5)
-        except KeyboardInterrupt:
-            ray.shutdown()  # ends every run's controller and workers (they belong to this driver)
-            for t in threads:
-                t.join(timeout=30)
-            raise
+        wait_interruptibly(threads)
     return outcomes

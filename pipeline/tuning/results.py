@@ -29,6 +29,9 @@ FILES = ("trials.csv", "best_params.yaml", "best_config.json", "metrics.json")
 METRIC_KEYS = ("best_val_mIoU", "best_epochs", "trials", "completed", "early_stopped", "errored", "tune_seconds")
 
 
+TUNE_LEGACY = ("best_config.json",)  # a result folder written before pipeline.storage.OWNER_MARK existed
+
+
 def out_dir(p: Params, family: str) -> Path:
     return Path(p.train.reports_dir) / "tune" / family
 
@@ -137,7 +140,7 @@ def finish(p: Params, space: Space, rows: list[dict], uri: str, parent_run_id: s
             params={**{f"best.{k}": show(v) for k, v in best["values"].items()}, "best.model": best["model"]},
             tags={"best_trial_id": best["trial_id"], "best_run_id": best["mlflow_run_id"]},
             files=[tmp / f for f in FILES], plots=plots)
-        storage.swap_in(tmp, final)
+        storage.swap_in(tmp, final, "train.reports_dir", TUNE_LEGACY)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(rows, space, best, final)

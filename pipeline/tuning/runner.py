@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -239,7 +240,7 @@ def _start(p: Params, space: Space, uri: str) -> tuple[str, str, bool]:
         tune_runs.reopen(uri, parent_run_id)
         log.info(f"[{family}] resuming tune {name} (MLflow run {parent_run_id})")
         return parent_run_id, name, True
-    name = f"tune-{family}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = f"tune-{family}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # unique per tune
     parent_run_id = tune_runs.start_tune(uri, p, family=family, model=space.model, options=space.options,
                                          ray_experiment=name)
     log.info(f"[{family}] tune {name}: {len(space.searched)} searched entr{'y' if len(space.searched) == 1 else 'ies'} "

@@ -65,6 +65,7 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
         # the tracking server: README step 2, on the host's veth address, its store on /shared
         mport = free_port()
         (tmp_path / "pw").write_text(PASSWORD + "\n")
+        (tmp_path / "pw").chmod(0o600)  # as docs/cluster.md makes it (umask 077): a readable one is refused
         mlog = tmp_path / "mlflow.log"
         server = subprocess.Popen(
             [str(BIN / "segpipe"), "mlflow-server", "--host", NS_HOST, "--port", str(mport), "--auth",

@@ -64,6 +64,34 @@ def test_predict_refuses_a_malicious_checkpoint(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("fault", ["wrong shape", "bad option", "unknown model"])
+def test_predict_refuses_a_checkpoint_that_does_not_fit_its_model(tmp_path, fault):
+    """A well-formed file whose tensors do not fit the model it names: one `error:` line, no traceback."""
+    import torch
+
+    from seg_models import build_model
+
+    state = build_model("unet", num_classes=21, base_channels=8).state_dict()
+    ckpt = {"model_name": "unet", "options": {"base_channels": 8}, "model": state, "epoch": 1}
+    if fault == "wrong shape":
+        first = next(iter(state))
+        state[first] = torch.zeros(3, 3)
+    elif fault == "bad option":
+        ckpt["options"] = {"base_channels": 8, "no_such_option": 1}
+    else:
+        ckpt["model_name"] = "no_such_net"
+    torch.save(ckpt, tmp_path / "odd.pt")
+    image = tmp_path / "x.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    proc = run_cli("predict", "-p", str(ROOT / "params.yaml"), "--model", str(tmp_path / "odd.pt"), str(image),
+                   "--out", str(tmp_path / "out"), "--device", "cpu",
+                   "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert_user_error(proc, "odd.pt", "segpipe can build")
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_still_loads_a_real_checkpoint(tmp_path):
     """The safe loader reads what segpipe itself writes (model, options, epoch, run id, eval size)."""
     import torch

@@ -355,7 +355,7 @@ def test_report_averages_only_seeds_of_one_setting(tmp_path, params_file):
     batch) are not averaged with the untuned seeds; they are listed as left out with the keys that
     differ. Runs are made the way `segpipe train` makes them (tracking.start_run, real sqlite store)."""
     from pipeline.config import load_params
-    from pipeline.reporting.runs import select_runs, to_groups
+    from pipeline.reporting.runs import select_runs
     from pipeline.tracking import client, end_run, experiment_id, start_run
     from pipeline.tracking.report import train_runs
 
