@@ -189,7 +189,43 @@ def shared_local_ray(num_cpus: int | None = None, temp_dir: str | Path | None = 
         added = {k: v for k, v in os.environ.items() if k.startswith("RAY_") and before.get(k) != v}
         yield {**added, "RAY_ADDRESS": address, SHARED_ENV: address}
     finally:
-        ray.shutdown()
+        shutdown_ray()
+
+
+def shutdown_ray(timeout: float = 30.0) -> bool:
+    """ray.shutdown(), bounded; True when it returned in time. Ray's shutdown can block forever in
+    the RPC that closes the driver's GCS subscriber (ray-project/ray#44836, #45044: seen here at the
+    end of a long-lived driver). It runs in a thread; after `timeout` s the Ray processes below this
+    one (the local Ray it started: GCS, raylet, workers) are stopped by PID, which also fails that
+    RPC, and we go on. A cluster's processes are not below this one and are never touched."""
+    import threading
+
+    import ray
+
+    done = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    done.start()
+    done.join(timeout)
+    if not done.is_alive():
+        return True
+    import psutil
+
+    ours = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if cmd.startswith("ray::") or f"{os.sep}ray{os.sep}" in cmd:
+            ours.append(child)
+    for child in ours:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=5)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    done.join(5)
+    return False
 
 
 def ray_has_gpu() -> bool:

@@ -18,7 +18,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -168,7 +167,7 @@ def wait_interruptibly(threads: list[threading.Thread]) -> None:
     except KeyboardInterrupt:
         STOPPING.set()
         try:
-            ray.shutdown()
+            system.shutdown_ray(timeout=20)
             for t in threads:
                 t.join(timeout=30)
         finally:

@@ -54,3 +54,31 @@ def test_ray_is_local_names_a_cluster_only_when_it_is_one(monkeypatch):
     assert not system.ray_is_local("")
     monkeypatch.setenv(system.SHARED_ENV, "127.0.0.1:6380")
     assert system.ray_is_local("")
+
+
+BLOCKED = """
+import json, time, psutil, ray
+from pipeline.system import ray_init, shutdown_ray
+ray_init(num_cpus=1)
+ray_procs = [c.pid for c in psutil.Process().children(recursive=True)]
+ray.shutdown = lambda *a, **k: time.sleep(3600)  # what Ray's shutdown does when its GCS RPC never returns
+t = time.monotonic()
+ok = shutdown_ray(timeout=3)
+print("RESULT", json.dumps({"ok": ok, "took": time.monotonic() - t, "procs": ray_procs,
+                            "left": [p for p in ray_procs if psutil.pid_exists(p)
+                                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]}))
+"""
+
+
+def test_a_ray_shutdown_that_never_returns_is_bounded():
+    """ray.shutdown can block forever in an RPC to its GCS (ray-project/ray#44836): the driver stops
+    the local Ray it started by PID after the timeout and goes on, instead of hanging a quickstart's
+    end (or the suite's teardown)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", BLOCKED], env=env, capture_output=True, text=True, timeout=180)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, out.stderr[-2000:]
+    res = json.loads(line[len("RESULT "):])
+    assert res["ok"] is False and res["took"] < 20, res
+    assert res["procs"] and not res["left"], res
