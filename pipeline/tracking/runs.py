@@ -9,7 +9,34 @@ from pathlib import Path
 
 from pipeline import system
 from pipeline.config import Params, flatten
+from pipeline.errors import UserError
 from pipeline.tracking.store import client, experiment_id
+
+
+class StoreFailed(UserError):
+    """The tracking store failed in the middle of a run: one line naming the run, exit 1."""
+
+    exit_code = 1
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:300]
+
+
+def store_failure(exc: BaseException, uri: str, run_id: str) -> StoreFailed | None:
+    """An exception that came from the tracking store during run `run_id` (MLflow, SQLAlchemy,
+    sqlite3, or a Ray error whose text carries "database is locked"), as one line; else None."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if type(e).__module__.split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3") or "database is locked" in str(e):
+            what = "database is locked" if "database is locked" in str(e) else _first_line(e)
+            return StoreFailed(f"the tracking store {uri} failed during run {run_id} ({what}): the run "
+                               f"is ended FAILED if the store still answers, else left RUNNING "
+                               f"(mlflow.tracking_uri)")
+    return None
 
 
 def search_runs(c, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None) -> list:
@@ -145,7 +172,12 @@ def ending_run(uri: str, run_id: str, killed_by: tuple[type[BaseException], ...]
             status = "KILLED"
         raise
     finally:
-        end_run(uri, run_id, status)
+        try:
+            end_run(uri, run_id, status)
+        except Exception as exc:  # the store itself is what failed: say so, name the run left behind
+            raise StoreFailed(f"the tracking store {uri} could not end run {run_id} ({_first_line(exc)}): "
+                              f"it is left RUNNING; end it in the MLflow UI once the store answers "
+                              f"(mlflow.tracking_uri)") from None
 
 
 # A train run logs its <family>-seed<N>.pt (state dict + model name/options) under this artifact

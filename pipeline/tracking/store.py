@@ -5,6 +5,7 @@ app behind a failed-login throttle)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def fluent_uri(uri: str):
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    # MLflow logs every SQL error of a sqlite store with its traceback before raising it; segpipe
+    # reports a store failure as one line naming the store and the run (runs.store_failure)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -308,13 +312,23 @@ def _preflight_sqlite(uri: str, timeout: float) -> None:
     if not path.is_file():
         raise _store_error(uri, f"is unusable: {path} is not a file")
     try:
-        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout)
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
         try:
-            con.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or file system
-            con.execute("ROLLBACK")
+            # a real write, committed: the commit needs the EXCLUSIVE lock, so another process that
+            # holds any lock on the db (even a reader in an open transaction) is found now, within
+            # `timeout`, not as "database is locked" errors in the middle of a run. user_version is
+            # SQLite's header field for applications; MLflow does not use it, and it is rewritten as is.
+            con.execute("BEGIN IMMEDIATE")
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            con.execute(f"PRAGMA user_version = {int(version)}")
+            con.execute("COMMIT")
         finally:
             con.close()
     except sqlite3.Error as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise _store_error(uri, f"is locked by another process ({exc}, waited {timeout:g} s)",
+                               ": wait for it to finish or stop it (an open sqlite3 shell, a second "
+                               "`mlflow ui` writing), then re-run") from None
         raise _store_error(uri, f"is not writable ({exc})", ": fix permissions or the file system, or "
                                                             "point it elsewhere") from None
     rehome_store(uri, timeout)  # a moved checkout: artifact locations follow the db

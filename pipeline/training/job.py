@@ -232,7 +232,7 @@ def train(p: Params, family: str | None = None, progress: bool = True, *, label:
             with (ProgressPrinter() if progress else contextlib.nullcontext()) as queue:
                 result = _fit_in_thread(job, [make_epoch_callback(job, queue)])
         except Exception as exc:
-            failure = _worker_failure(exc)
+            failure = _worker_failure(exc) or tracking.store_failure(exc, job.tracking_uri, job.run_id)
             if failure is None:
                 raise
             raise failure from None

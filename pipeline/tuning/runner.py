@@ -303,7 +303,12 @@ def tune_family(p: Params, space: Space) -> dict:
     started = time.time()
     with tracking.ending_run(uri, parent_run_id, killed_by=(KeyboardInterrupt, TuneInterrupted)):
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": p.tune.trainable_cpus})
-        grid = _tuner(p, space, trainable, uri, root, name, parent_run_id, resumed).fit()
+        try:
+            grid = _tuner(p, space, trainable, uri, root, name, parent_run_id, resumed).fit()
+        except KeyboardInterrupt:  # SIGTERM (errors.Terminated) mid-step: Tune did not stop its trials
+            for run in tune_runs.trial_runs(uri, p.mlflow.experiment, parent_run_id).values():
+                tune_runs.kill_if_running(uri, run.info.run_id)
+            raise
         release_groups_left(grid)
         # the trials as saved: on Ctrl-C Tune saves the live trials as RUNNING and then stops them
         # (TERMINATED in memory); the saved state is what a resume continues

@@ -22,20 +22,32 @@ import pytest
 from tests.support.cli import assert_user_error, run_cli
 from tests.support.files import mounted
 from tests.support.paths import ROOT
+from tests.support.procs import train_worker_pids
 from tests.support.training import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
-def _workers(since: float) -> set[int]:
-    pids = set()
-    for child in psutil.Process().children(recursive=True):
+def _start_train(tmp_path, env: dict, *args: str) -> subprocess.Popen:
+    """`segpipe train ...` as a real process (stderr kept in tmp_path/err)."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), *args],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"),
+                            text=True)
+
+
+def _wait_first_epoch(client, proc: subprocess.Popen, n_runs: int = 1) -> list:
+    """The runs of the experiment once each has logged an epoch (while the process still runs)."""
+    deadline, runs = time.time() + 240, []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
         try:
-            if child.create_time() >= since and "RayTrainWorker" in " ".join(child.cmdline()):
-                pids.add(child.pid)
-        except psutil.Error:
-            pass
-    return pids
+            exp = client.get_experiment_by_name("segpipe")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+        except Exception:
+            continue
+        if len(runs) == n_runs and all(client.get_metric_history(r.info.run_id, "train/loss") for r in runs):
+            return runs
+    raise AssertionError(f"the run never reached its first epoch: {(proc.poll(), runs)}")
 
 
 @pytest.mark.parametrize("sig,code,what", [(signal.SIGINT, 130, ["--family", "unet"]),
@@ -51,26 +63,11 @@ def test_a_signal_ends_the_run_killed_with_one_line(synthetic_shards, tmp_path, 
                 + ["train.sample_images=0", *extra]), [])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **ray_join_env}
     started = time.time() - 1
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"),
-                             *what, *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"), text=True)
+    proc = _start_train(tmp_path, env, *what, *args)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = None
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            try:
-                exp = client.get_experiment_by_name("segpipe")
-                runs = client.search_runs([exp.experiment_id]) if exp else []
-            except Exception:
-                continue
-            run_id = runs[0].info.run_id if runs else None
-            if run_id and len(runs) == (2 if what == ["--all"] else 1) and \
-                    all(client.get_metric_history(r.info.run_id, "train/loss") for r in runs):
-                break
-        assert run_id and proc.poll() is None, "the run never reached its first epoch"
-        workers = _workers(started)
+        runs = _wait_first_epoch(client, proc, 2 if what == ["--all"] else 1)
+        workers = train_worker_pids(started)
         assert workers
         proc.send_signal(sig)
         proc.wait(timeout=90)
@@ -125,3 +122,41 @@ def test_runs_started_in_the_same_second_get_their_own_run_directory(synthetic_s
     resumed = resolve_job(load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path)
                                       + ["train.resume=true"]), "unet")
     assert ray_run_name(resumed, str(tmp_path / "ray")) == sorted(names)[-1]
+
+
+def test_a_store_locked_mid_run_ends_it_failed_with_one_line(synthetic_shards, tmp_path, ray_join_env):
+    """Another process locks the sqlite store after the first epoch (an open sqlite3 shell) and lets
+    go 45 s later: the run stops with one `error:` line naming the store (no traceback); it ends
+    FAILED if the store answered by then, else the line names the run it leaves RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    args = sum((["-S", o] for o in tiny_overrides(synthetic_shards, tmp_path, epochs=30)
+                + ["train.sample_images=0", "ray.num_workers=1"]), [])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **ray_join_env}
+    proc = _start_train(tmp_path, env, "--family", "unet", *args)
+    client = MlflowClient(f"sqlite:///{db}")
+    holder = None
+    try:
+        runs = _wait_first_epoch(client, proc)
+        run_id = runs[0].info.run_id
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import sqlite3, time\n"
+            f"con = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+            "con.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(45)\n")], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "locked"
+        proc.wait(timeout=300)
+    finally:
+        for p in (proc, holder):
+            if p is not None and p.poll() is None:
+                p.kill()
+    err = (tmp_path / "err").read_text()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert proc.returncode in (1, 2) and len(errors) == 1, err
+    assert "Traceback" not in err, err
+    assert str(db) in errors[0] and "(mlflow.tracking_uri)" in errors[0], errors
+    holder.wait(timeout=60)
+    status = client.get_run(run_id).info.status
+    assert status == "FAILED" or run_id in errors[0], (status, errors)

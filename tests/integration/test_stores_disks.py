@@ -7,6 +7,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -272,3 +273,34 @@ def test_the_first_jobs_on_a_fresh_store_share_one_experiment(tmp_path):
     winner = tracking.experiment_id(c, "segpipe")
     assert tracking.experiment_id(LookedBeforeTheOtherCreated(), "segpipe") == winner
     assert [e.name for e in c.search_experiments()].count("segpipe") == 1
+
+
+@pytest.mark.parametrize("lock", ["reader in a transaction", "writer"])
+def test_a_locked_sqlite_store_is_one_line_before_anything_runs(tmp_path, params_file, sample_dir, lock):
+    """Another process holds a lock on the db (an open sqlite3 shell): the store's preflight makes a
+    committed write, so even a reader's SHARED lock is found before Ray, within mlflow.preflight_timeout_s,
+    not as tracebacks in the middle of the run with the run left RUNNING."""
+    store = tmp_path / "store"
+    store.mkdir()
+    db = store / "mlflow.db"
+    con = sqlite3.connect(db)
+    con.execute("create table t (x)")
+    con.execute("insert into t values (1)")
+    con.commit()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"con = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+        f"con.execute({'BEGIN' if lock.startswith('reader') else 'BEGIN IMMEDIATE'!r})\n"
+        "con.execute('select * from t').fetchall()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = tree_snapshot(store)
+        proc, took = _timed(_train, params_file, sample_dir, f"sqlite:///{db}", "-S", "mlflow.preflight_timeout_s=2")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_user_error(proc, "is locked by another process", "(mlflow.tracking_uri)")
+    assert took < 30, took
+    assert tree_snapshot(store) == before

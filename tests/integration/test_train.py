@@ -19,7 +19,7 @@ import pytest
 from pipeline.config import load_params
 from tests.support.cli import assert_user_error, run_cli
 from tests.support.paths import ROOT
-from tests.support.procs import ActorTitles
+from tests.support.procs import ActorTitles, train_worker_pids
 from tests.support.training import TINY, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -98,21 +98,6 @@ def test_bad_params_never_start_ray(tmp_path, synthetic_shards):
                    cwd=tmp_path, no_ray=True)
     assert_user_error(proc, "unknown family")
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
-
-
-def train_worker_pids(since: float) -> set[int]:
-    """The Ray Train worker processes (actor RayTrainWorker) of the session's Ray (it runs below this
-    pytest process) started since `since`: the ones of the `segpipe train` under test."""
-    import psutil
-
-    pids = set()
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.create_time() >= since and "RayTrainWorker" in " ".join(child.cmdline()):
-                pids.add(child.pid)
-        except psutil.Error:
-            pass
-    return pids
 
 
 def test_killed_worker_is_restored_without_gap_or_repeat(synthetic_shards, tmp_path, ray_join_env):

@@ -108,3 +108,18 @@ class ActorTitles:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def train_worker_pids(since: float) -> set[int]:
+    """The Ray Train worker processes (actor RayTrainWorker) of the session's Ray (it runs below this
+    pytest process) started since `since`: the ones of the `segpipe train` under test."""
+    import psutil
+
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.create_time() >= since and "RayTrainWorker" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.Error:
+            pass
+    return pids
