@@ -22,9 +22,9 @@ Security (issues 13, 24.10), see docs/architecture.md "Distributed training and 
   MLFLOW_AUTH_ADMIN_PASSWORD) or --auth-password-file (refused unless only its owner can read
   it, as ssh does with keys), never from the command line; clients (Ray workers, `segpipe
   report`, `segpipe predict`) use MLflow's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD;
-- failed logins are throttled per client address (pipeline.tracking.store.LoginThrottle: after
+- failed logins are throttled per client address (pipeline.tracking.throttle.LoginThrottle: after
   --auth-max-failures within --auth-failure-window seconds, 429 with Retry-After). The app is
-  MLflow's basic-auth app wrapped by tracking.store.throttled_auth_app, declared to `mlflow
+  MLflow's basic-auth app wrapped by tracking.throttle.throttled_auth_app, declared to `mlflow
   server --app-name` through an `mlflow.app` entry point in a temporary dist-info on the
   server's PYTHONPATH; uvicorn runs with --no-proxy-headers (X-Forwarded-For from a local
   process would pick the client address) unless FORWARDED_ALLOW_IPS names the proxies to trust.
@@ -44,7 +44,7 @@ from pathlib import Path
 from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.stages.ui import LOOPBACK_HOSTS
-from pipeline.tracking.store import LOGIN_ENV, LOGIN_MAX_FAILURES, LOGIN_WINDOW_S
+from pipeline.tracking.throttle import LOGIN_ENV, LOGIN_MAX_FAILURES, LOGIN_WINDOW_S
 
 LOOPBACK_NAMES = ["localhost", "127.0.0.1", "[::1]"]
 AUTH_APP = "segpipe-basic-auth"  # the `mlflow.app` entry point auth_setup declares
@@ -192,7 +192,7 @@ def _app_dir(ini_text: str) -> Path:
         meta = d / "segpipe_mlflow_app-0.dist-info"
         meta.mkdir()
         (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: segpipe-mlflow-app\nVersion: 0\n")
-        (meta / "entry_points.txt").write_text(f"[mlflow.app]\n{AUTH_APP} = pipeline.tracking.store:throttled_auth_app\n")
+        (meta / "entry_points.txt").write_text(f"[mlflow.app]\n{AUTH_APP} = pipeline.tracking.throttle:throttled_auth_app\n")
     except OSError as exc:
         if d is not None:
             shutil.rmtree(d, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Every MLflow call of segpipe lives under this package (nothing else imports mlflow).
 
-- store.py: tracking URI resolution, clients, pre-flight, HTTP retry bounds, experiments, rehoming,
-  the login throttle of `segpipe mlflow-server --auth` (LoginThrottle).
+- store.py: tracking URI resolution, clients, pre-flight, HTTP retry bounds, experiments, rehoming.
+- throttle.py: the failed-login throttle of `segpipe mlflow-server --auth` (LoginThrottle).
 - runs.py: run creation with the standard tags, metrics, status, the one paginated search, the
   report tag, the UI compare link, checkpoint artifacts; a store failure mid-run as one line
   (store_failure, StoreFailed).

@@ -201,7 +201,7 @@ def test_auth_server_hosts_and_sighup(tmp_path):
         children = psutil.Process(proc.pid).children(recursive=True)
         cmdlines = " ".join(" ".join(p.cmdline()) for p in children)
         assert "--app-name segpipe-basic-auth" in cmdlines and PASSWORD not in cmdlines
-        assert "--no-proxy-headers" in cmdlines and "pipeline.tracking.store:throttled_auth_app" in cmdlines
+        assert "--no-proxy-headers" in cmdlines and "pipeline.tracking.throttle:throttled_auth_app" in cmdlines
         private = Path(children[0].environ()["MLFLOW_AUTH_CONFIG_PATH"]).parent  # the ini and the entry point
         assert private.is_dir() and (private.stat().st_mode & 0o077) == 0
         assert "_job_runner" not in cmdlines and "huey" not in cmdlines  # mlflow.server_jobs: false

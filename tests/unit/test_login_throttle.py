@@ -1,4 +1,4 @@
-"""pipeline.tracking.store.LoginThrottle, the failed-login throttle of `segpipe mlflow-server --auth`,
+"""pipeline.tracking.throttle.LoginThrottle, the failed-login throttle of `segpipe mlflow-server --auth`,
 against a stand-in ASGI app (the real server: tests/integration/test_mlflow_server.py): N failures
 from one address -> 429 with Retry-After for new credentials, other addresses and known-good
 credentials unaffected, a parallel burst capped at N, a public route never vouches for credentials,
@@ -11,7 +11,7 @@ import base64
 
 import pytest
 
-from pipeline.tracking.store import LoginThrottle
+from pipeline.tracking.throttle import LoginThrottle
 
 GOOD = "admin:correct-horse-battery-staple"
 
