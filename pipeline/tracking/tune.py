@@ -40,9 +40,13 @@ def find_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str)
     return runs[0] if runs else None
 
 
-def metric_history(uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
-    """(step, value) of every logged value of `metric`, by step."""
-    return sorted((m.step, m.value) for m in client(uri).get_metric_history(run_id, metric))
+def metric_history(uri: str, run_id: str, metric: str, timed: bool = False) -> list[tuple]:
+    """(step, value) of every logged value of `metric`, by step; timed: (step, value, seconds since
+    the epoch when it was logged)."""
+    hist = client(uri).get_metric_history(run_id, metric)
+    if timed:
+        return sorted((m.step, m.value, m.timestamp / 1000) for m in hist)
+    return sorted((m.step, m.value) for m in hist)
 
 
 def reopen(uri: str, run_id: str) -> None:

@@ -12,6 +12,7 @@ recorded so far. Written here rather than subclassed so its state is ours to ref
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import numpy as np
@@ -30,10 +31,10 @@ def mark_asha_stop(uri: str, experiment: str, parent_run_id: str, trial_id: str,
 
 
 def trial_histories(uri: str, experiment: str, parent_run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """trial id -> [(epoch, val/mIoU)] of the trials a tune already ran (its MLflow child runs)."""
+    """trial id -> [(epoch, val/mIoU, when logged)] of the trials a tune already ran (its MLflow child runs)."""
     out = {}
     for trial_id, run in tune_runs.trial_runs(uri, experiment, parent_run_id).items():
-        hist = tune_runs.metric_history(uri, run.info.run_id, METRIC)
+        hist = tune_runs.metric_history(uri, run.info.run_id, METRIC, timed=True)
         if hist and trial_id:
             out[trial_id] = hist
     return out
@@ -58,15 +59,19 @@ class Asha(FIFOScheduler):
     def __setstate__(self, state: dict) -> None:  # unpickled: a resumed tune
         self.__dict__.update(state)
         self.refilled = False
+        self.resumed_at = time.time()  # what was logged after this was reported to this instance too
 
     def cutoff(self, recorded: dict) -> float | None:
         return float(np.nanpercentile(list(recorded.values()), (1 - 1 / self.rf) * 100)) if recorded else None
 
-    def refill(self, histories: dict[str, list[tuple[int, float]]]) -> None:
-        """Each rung gets each trial's first val/mIoU at or past its milestone (as if never interrupted)."""
+    def refill(self, histories: dict[str, list[tuple]]) -> None:
+        """Each rung gets each trial's first val/mIoU at or past its milestone (as if never interrupted),
+        from what was logged before the resume: a value logged since (a trial that runs again reports
+        it to this instance, maybe after its run logged it) is judged when it is reported."""
+        since = getattr(self, "resumed_at", float("inf"))
         for milestone, recorded in self.rungs:
             for trial_id, hist in histories.items():
-                first = next((v for step, v in hist if step >= milestone), None)
+                first = next((e[1] for e in hist if e[0] >= milestone and (len(e) < 3 or e[2] < since)), None)
                 if first is not None:
                     recorded.setdefault(trial_id, first)
 

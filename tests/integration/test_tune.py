@@ -134,9 +134,24 @@ def test_mlflow_parent_child_runs_and_asha_early_stop(tuned):
         assert params["train.epochs"] == "2" and params["model_options.base_channels"] == "8"
         assert tags["early_stopped"] == str(tags["tune.status"] == "early_stopped").lower()
     assert sorted(r.data.params["hp.upsample"] for r in children) == sorted(METHODS)
-    status = {r.data.params["hp.upsample"]: r.data.tags["tune.status"] for r in children}
+    # ASHA's rule replayed in the order the trials reached the first rung (grace 1, factor 2): a
+    # trial stops there when its val mIoU is below the median of the values recorded before it.
+    # Whether any trial stops depends on that order (the trials run concurrently); what each
+    # decision must be, given the order, does not. Two arrivals within 2 s may have reached the
+    # scheduler in either order: those decisions are not judged.
+    import numpy as np
+
+    arrivals = sorted(((next(m for m in c.get_metric_history(r.info.run_id, "val/mIoU") if m.step == 1), r)
+                       for r in children), key=lambda a: a[0].timestamp)
+    seen: list[float] = []
+    for i, (m, r) in enumerate(arrivals):
+        cutoff = float(np.nanpercentile(seen, 50)) if seen else None
+        expect = "early_stopped" if cutoff is not None and m.value < cutoff else "completed"
+        close = any(abs(m.timestamp - o.timestamp) < 2000 for j, (o, _) in enumerate(arrivals) if j != i)
+        if not close:
+            assert r.data.tags["tune.status"] == expect, (r.data.params["hp.upsample"], m.value, seen)
+        seen.append(m.value)
     stopped = [r for r in children if r.data.tags["tune.status"] == "early_stopped"]
-    assert stopped, status  # ASHA stopped at least one trial at its first rung
     for r in stopped:  # stopped at the first rung (an epoch in flight then may still have been logged)
         assert r.data.tags["tune.asha_stopped_at"] == "1"
         assert c.get_metric_history(r.info.run_id, "val/mIoU")[0].step == 1
