@@ -192,7 +192,7 @@ def shared_local_ray(num_cpus: int | None = None, temp_dir: str | Path | None = 
         shutdown_ray()
 
 
-def shutdown_ray(timeout: float = 30.0) -> bool:
+def shutdown_ray(timeout: float = 15.0) -> bool:
     """ray.shutdown(), bounded; True when it returned in time. Ray's shutdown can block forever in
     the RPC that closes the driver's GCS subscriber (ray-project/ray#44836, #45044: seen here at the
     end of a long-lived driver). It runs in a thread; after `timeout` s the Ray processes below this

@@ -155,21 +155,15 @@ def end_run(uri: str, run_id: str, status: str) -> None:
 
 
 @contextlib.contextmanager
-def ending_run(uri: str, run_id: str, killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
-               stopping=None):
+def ending_run(uri: str, run_id: str, killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,)):
     """Ends the run however the block ends: FINISHED when it completes, KILLED on ``killed_by``
-    (Ctrl-C, SIGTERM) or on any exception while ``stopping()`` is true (a run in a driver thread
-    whose Ray the main thread shut down on Ctrl-C), FAILED on anything else; the exception goes on."""
+    (Ctrl-C, SIGTERM), FAILED on anything else; the exception goes on."""
     status = "FAILED"
     try:
         yield
         status = "FINISHED"
     except killed_by:
         status = "KILLED"
-        raise
-    except BaseException:
-        if stopping is not None and stopping():
-            status = "KILLED"
         raise
     finally:
         try:

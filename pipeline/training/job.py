@@ -153,26 +153,35 @@ def fit(job: Job, callbacks: list | None = None):
     return trainer.fit()
 
 
-STOPPING = threading.Event()  # set while Ctrl-C / SIGTERM stops this driver's runs: they end KILLED
+ACTIVE_RUNS: dict[str, str] = {}  # MLflow run id -> tracking URI of this driver's runs in flight
 
 
 def wait_interruptibly(threads: list[threading.Thread]) -> None:
-    """Wait for driver threads running fit(); Ctrl-C / SIGTERM (a KeyboardInterrupt in the main
-    thread) shuts this driver's Ray down, which ends every run's controller and workers, lets the
-    threads end (their MLflow runs KILLED: STOPPING) and goes on as the interrupt."""
+    """Wait for driver threads running fit(); on Ctrl-C / SIGTERM (a KeyboardInterrupt in the main
+    thread) end every run in flight KILLED (ACTIVE_RUNS) and go on as the interrupt. Ray is left
+    alone: the CLI ends the process (pipeline.cli.entry), and a driver's end ends its Ray job, its
+    Train controllers and workers; shutting Ray down under the threads still in Ray calls makes
+    Ray's core worker end the process with exit 1 before anything is said."""
     try:
         for t in threads:
             while t.is_alive():
                 t.join(timeout=0.5)
     except KeyboardInterrupt:
-        STOPPING.set()
-        try:
-            system.shutdown_ray(timeout=20)
-            for t in threads:
-                t.join(timeout=30)
-        finally:
-            STOPPING.clear()
+        for run_id, uri in list(ACTIVE_RUNS.items()):
+            try:
+                tracking.end_run(uri, run_id, "KILLED")
+            except Exception:  # the store is gone too: nothing more to do on the way out
+                pass
         raise
+
+
+@contextlib.contextmanager
+def _inactive(run_id: str):
+    """Out of ACTIVE_RUNS once the run's block ends, however it ends."""
+    try:
+        yield
+    finally:
+        ACTIVE_RUNS.pop(run_id, None)
 
 
 def _fit_in_thread(job: Job, callbacks: list):
@@ -225,7 +234,8 @@ def train(p: Params, family: str | None = None, progress: bool = True, *, label:
     job = job.with_(run_id=track.open_run(job))
     log.info(f"[{job.label or job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}")
     started = time.time()
-    with tracking.ending_run(job.tracking_uri, job.run_id, stopping=STOPPING.is_set):
+    ACTIVE_RUNS[job.run_id] = job.tracking_uri
+    with tracking.ending_run(job.tracking_uri, job.run_id), _inactive(job.run_id):
         ray_init(p)
         try:
             # -q: no progress channel at all (no queue actor, no printing thread)
