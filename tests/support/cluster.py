@@ -49,10 +49,14 @@ def network_namespace():
             r = _ip(*args, check=False)
             if r.returncode != 0:
                 pytest.skip(f"the kernel refused `ip {' '.join(args)}`: {r.stderr.strip()}")
-        ping = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
-                               f"import socket; socket.create_connection(('{NS_HOST}', 9), timeout=3)"],
-                              capture_output=True, text=True, timeout=30)
-        if "timed out" in ping.stderr or "unreachable" in ping.stderr.lower():
+        for _ in range(5):  # a fresh veth pair on a loaded machine may drop the first packets (ARP, link up)
+            ping = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                   f"import socket; socket.create_connection(('{NS_HOST}', 9), timeout=3)"],
+                                  capture_output=True, text=True, timeout=30)
+            if "timed out" not in ping.stderr and "unreachable" not in ping.stderr.lower():
+                break
+            time.sleep(1)
+        else:
             pytest.skip(f"no traffic over the veth pair: {ping.stderr.strip()[-200:]}")
         yield ns
     finally:
