@@ -28,6 +28,18 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check)
 
 
+def _remove_stale_namespaces() -> None:
+    """A test process killed before its clean-up leaves its namespace and host-side veth holding
+    NS_HOST: every later pair with that address then drops packets. Remove those of dead pids."""
+    import re
+
+    listed = _ip("netns", "list", check=False).stdout
+    for tag in re.findall(r"^segpipe13-(\d+)", listed, re.M):
+        if not os.path.exists(f"/proc/{tag}"):
+            _ip("link", "del", f"sp13h{tag}", check=False)
+            _ip("netns", "del", f"segpipe13-{tag}", check=False)
+
+
 @contextlib.contextmanager
 def network_namespace():
     """A network namespace joined to this one by a veth pair: a second "host" at NS_PEER that
@@ -35,6 +47,7 @@ def network_namespace():
     no CAP_NET_ADMIN, no netns support). Deleted in the end, whatever happened."""
     if shutil.which("ip") is None:
         pytest.skip("no `ip` command (iproute2) to make a network namespace")
+    _remove_stale_namespaces()
     tag = f"{os.getpid() % 100000}"
     ns, host_if, peer_if = f"segpipe13-{tag}", f"sp13h{tag}", f"sp13n{tag}"
     made = _ip("netns", "add", ns, check=False)
