@@ -94,16 +94,27 @@ def release_placement_group(pg_hex: str) -> bool:
     trial, when its actor and controller are gone (removing the group of a live controller would
     make it start a new one), so nothing alive loses resources; a group Train already removed
     (a trial that ran to its end) is left alone."""
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
+
+    group = _held(pg_hex)
+    if group is None:
+        return False
+    try:
+        remove_placement_group(group)
+        return True
+    except Exception:  # gone meanwhile, or Ray shutting down: nothing to free
+        return False
+
+
+def _held(pg_hex: str):
+    """The placement group of that id while it still holds (or waits for) resources, else None."""
+    from ray.util.placement_group import PlacementGroup, placement_group_table
 
     try:
         group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
-        if placement_group_table(group).get("state") in (None, "REMOVED"):
-            return False
-        remove_placement_group(group)
-        return True
-    except Exception:  # already gone, or Ray shutting down: nothing to free
-        return False
+        return None if placement_group_table(group).get("state") in (None, "REMOVED") else group
+    except Exception:  # a bad id, or Ray shutting down
+        return None
 
 
 def release_groups_left(grid) -> int:
@@ -112,25 +123,11 @@ def release_groups_left(grid) -> int:
     the trial actors Tune killed are gone; returns how many were released. In a `segpipe tune`
     process Ray would free them when the driver exits; a driver that goes on (train after tune in
     one process, a test, a notebook) would otherwise find its CPUs held forever."""
-    from ray.util.placement_group import PlacementGroup, placement_group_table
-
     groups = {r.metrics.get(PLACEMENT_GROUP_KEY) for r in grid if r.metrics} - {None}
-
-    def left():
-        out = []
-        for pg_hex in groups:
-            try:
-                group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
-                if placement_group_table(group).get("state") not in (None, "REMOVED"):
-                    out.append(pg_hex)
-            except Exception:
-                pass
-        return out
-
-    if not left():
+    if not any(_held(g) for g in groups):
         return 0
     time.sleep(RELEASE_AFTER_S)  # the killed trial actors and the Train controllers they own are gone by then
-    return sum(release_placement_group(pg_hex) for pg_hex in left())
+    return sum(release_placement_group(g) for g in groups)
 
 
 class Progress(Callback):
