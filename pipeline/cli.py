@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `segpipe` command (and `python -m pipeline.cli`): main(), then exit with its code. After
-    Ctrl-C / SIGTERM (130 / 143) every run is already ended and Ray shut down, but a driver thread
-    may still sit in Ray's C++ code, and tearing the interpreter down around it can crash (SIGSEGV):
-    the process then ends at once (os._exit), after flushing its output."""
+    Ctrl-C / SIGTERM (130 / 143) every run is already ended KILLED, but a driver thread may still sit
+    in Ray's C++ code, and tearing the interpreter down around it can crash (SIGSEGV): the process
+    then ends at once (os._exit), after flushing its output; its Ray job, workers included, ends with it."""
     code = main()
     if code in (130, 143):
         logging.shutdown()

@@ -1,6 +1,6 @@
-"""The tracking store: URI resolution, clients, the pre-flight check, HTTP retry bounds, experiments,
-moving a store with its checkout, and the app of `segpipe mlflow-server --auth` (MLflow's basic-auth
-app behind a failed-login throttle)."""
+"""The tracking store: URI resolution, clients, the pre-flight check, HTTP retry bounds, experiments and
+moving a store with its checkout (the failed-login throttle of `segpipe mlflow-server --auth` is
+tracking/throttle.py)."""
 
 from __future__ import annotations
 
