@@ -25,9 +25,12 @@ quickstart: $(STAMP)
 	$(BIN)/segpipe quickstart
 
 # two pytest-xdist workers (most of the suite waits on processes it started: Ray, MLflow servers,
-# DVC); a module whose tests share a module-scoped fixture is one xdist_group, run by one worker
+# DVC); a module whose tests share a module-scoped fixture is one xdist_group, run by one worker.
+# -v names each test as it starts and ends, so a CI log's tail says which test was running; a worker
+# that dies (pytest-timeout ends a hung test with os._exit) is not replaced: pytest-xdist's loadgroup
+# scheduler can deadlock when it re-queues a crashed worker's groups, so the run fails at once instead
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -v -n 2 --dist loadgroup --max-worker-restart=0 --durations=25
 
 clean-data:
 	rm -rf data/raw data/shards data/.raw-new data/.shards-new
@@ -37,6 +40,6 @@ clean-data:
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 test-integration: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests/integration
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --max-worker-restart=0 --durations=15 tests/integration
 test-cluster: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests/cluster
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --max-worker-restart=0 --durations=15 tests/cluster

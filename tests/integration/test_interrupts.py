@@ -1,7 +1,8 @@
 """A run ends as it ended, and a run that cannot fit never starts waiting.
 
-- SIGINT (Ctrl-C) and SIGTERM to `segpipe train` (a real process joined to the session's Ray, as a
-  quickstart stage is) once its first epoch is logged: exit 130 / 143, one `error: interrupted
+- SIGINT (Ctrl-C) and SIGTERM to `segpipe train` (a real process joined to a Ray of this module's
+  own, as a quickstart stage joins the quickstart's: a killed driver's leftovers never reach the xdist
+  worker's shared Ray) once its first epoch is logged: exit 130 / 143, one `error: interrupted
   (SIG...)` line, no traceback, the MLflow run KILLED (not FAILED), its Ray Train workers gone;
 - workers that can never be placed on the local Ray (ray.num_workers 3 x 1 CPU on 2 CPUs): one
   `error:` line naming the knobs before any MLflow run or Ray wait;
@@ -22,17 +23,29 @@ import pytest
 from tests.support.cli import assert_user_error, run_cli
 from tests.support.files import mounted
 from tests.support.paths import ROOT
-from tests.support.procs import train_worker_pids
+from tests.support.procs import OwnRay, train_worker_pids
 from tests.support.training import tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("interrupts")]
+
+
+@pytest.fixture(scope="module")
+def own_ray(tmp_path_factory):
+    """The join environment of a Ray head of this module's own (tests.support.procs.OwnRay)."""
+    head = OwnRay(tmp_path_factory.mktemp("own_ray"))
+    try:
+        yield head.env
+    finally:
+        head.stop()
 
 
 def _start_train(tmp_path, env: dict, *args: str) -> subprocess.Popen:
-    """`segpipe train ...` as a real process (stderr kept in tmp_path/err)."""
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), *args],
+    """`segpipe train ...` as a real process (stderr kept in tmp_path/err: proc.err_path)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), *args],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"),
                             text=True)
+    proc.err_path = tmp_path / "err"
+    return proc
 
 
 def _wait_first_epoch(client, proc: subprocess.Popen, n_runs: int = 1) -> list:
@@ -47,13 +60,14 @@ def _wait_first_epoch(client, proc: subprocess.Popen, n_runs: int = 1) -> list:
             continue
         if len(runs) == n_runs and all(client.get_metric_history(r.info.run_id, "train/loss") for r in runs):
             return runs
-    raise AssertionError(f"the run never reached its first epoch: {(proc.poll(), runs)}")
+    raise AssertionError(f"the run never reached its first epoch: {(proc.poll(), runs)}\n"
+                         f"{proc.err_path.read_text()[-3000:]}")
 
 
 @pytest.mark.parametrize("sig,code,what", [(signal.SIGINT, 130, ["--family", "unet"]),
                                            (signal.SIGTERM, 143, ["--family", "unet"]),
                                            (signal.SIGTERM, 143, ["--all"])], ids=["SIGINT", "SIGTERM", "all-SIGTERM"])
-def test_a_signal_ends_the_run_killed_with_one_line(synthetic_shards, tmp_path, ray_join_env, sig, code, what):
+def test_a_signal_ends_the_run_killed_with_one_line(synthetic_shards, tmp_path, own_ray, sig, code, what):
     """train --all: two runs (unet, seeds 0 and 1) in driver threads, both ended KILLED."""
     from mlflow.tracking import MlflowClient
 
@@ -61,7 +75,7 @@ def test_a_signal_ends_the_run_killed_with_one_line(synthetic_shards, tmp_path, 
              "ray.num_workers=1"] if what == ["--all"] else []
     args = sum((["-S", o] for o in tiny_overrides(synthetic_shards, tmp_path, epochs=30)
                 + ["train.sample_images=0", *extra]), [])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **ray_join_env}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **own_ray}
     started = time.time() - 1
     proc = _start_train(tmp_path, env, *what, *args)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -124,7 +138,7 @@ def test_runs_started_in_the_same_second_get_their_own_run_directory(synthetic_s
     assert ray_run_name(resumed, str(tmp_path / "ray")) == sorted(names)[-1]
 
 
-def test_a_store_locked_mid_run_ends_it_failed_with_one_line(synthetic_shards, tmp_path, ray_join_env):
+def test_a_store_locked_mid_run_ends_it_failed_with_one_line(synthetic_shards, tmp_path, own_ray):
     """Another process locks the sqlite store after the first epoch (an open sqlite3 shell) and lets
     go 45 s later: the run stops with one `error:` line naming the store (no traceback); it ends
     FAILED if the store answered by then, else the line names the run it leaves RUNNING."""
@@ -133,7 +147,7 @@ def test_a_store_locked_mid_run_ends_it_failed_with_one_line(synthetic_shards, t
     db = tmp_path / "mlflow.db"
     args = sum((["-S", o] for o in tiny_overrides(synthetic_shards, tmp_path, epochs=30)
                 + ["train.sample_images=0", "ray.num_workers=1"]), [])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **ray_join_env}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **own_ray}
     proc = _start_train(tmp_path, env, "--family", "unet", *args)
     client = MlflowClient(f"sqlite:///{db}")
     holder = None

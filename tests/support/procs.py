@@ -123,3 +123,31 @@ def train_worker_pids(since: float) -> set[int]:
         except psutil.Error:
             pass
     return pids
+
+
+class OwnRay:
+    """A local Ray head of its own (`ray start --head --block` as a child process, its own temp dir
+    and ports, 2 CPUs, bound to 127.0.0.1), for tests that kill the drivers joined to it: whatever a
+    killed driver leaves behind stays in this Ray, not in the xdist worker's shared one. `env` makes
+    a `segpipe` child join it as a quickstart stage joins the quickstart's Ray; stopped by PID."""
+
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tmp / "ray-head.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", "--num-cpus=2",
+             "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={tmp / 'ray'}"],
+            env=tool_env(), stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.env = {"RAY_ADDRESS": self.address, "SEGPIPE_SHARED_RAY": self.address, "RAY_AUTH_MODE": "token",
+                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+        deadline = time.time() + 120
+        while "Ray runtime started" not in self.log.read_text():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"ray start --head did not come up:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        stop_tree(self.proc)
