@@ -1,4 +1,5 @@
-"""The registry as a table: parameters and GFLOPs per model (``segpipe models``, docs/models.md)."""
+"""The registry as a table: parameters and GFLOPs per model (``segpipe models``, docs/models.md), and
+what each DeepLabV3 ASPP sees at a crop (``segpipe models --crop N``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._utils import count_params
+from .geometry import aspp_geometry
 from .registry import build_model, list_models, model_info
 
 
@@ -48,3 +50,35 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
     rule = "|" + "|".join("-" * (w + 1) + ":" if i in numeric else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
     return "\n".join([line(header), rule, *map(line, cells)])
+
+
+DEGENERATE = " = 1x1 conv at this crop"  # a branch whose rate reaches the feature-map side
+
+
+def aspp_lines(crop_size: int) -> list[str]:
+    """What the ASPP of every model that has one sees at a ``crop_size`` square crop, at its default
+    options and each output stride it takes: the feature-map side, and per atrous branch its rate and
+    field of view (``aspp_geometry``), degenerate branches marked ``= 1x1 conv at this crop``."""
+    lines = [f"ASPP at a {crop_size} x {crop_size} crop, default rates; field = (2 rate + 1) x output stride px "
+             "(the span of a 3x3 atrous conv's taps); a rate >= the feature-map side leaves only the centre tap"]
+    for name in list_models():
+        strides = model_info(name)["options"].get("output_stride")
+        for stride in strides or [None]:
+            geometry = aspp_geometry(name, crop_size, **({"output_stride": stride} if stride else {}))
+            if geometry is None:
+                continue
+            side = geometry["feature_size"]
+            lines.append(f"{name}, output stride {geometry['output_stride']}: feature map {side} x {side}, "
+                         f"1x1 branch {geometry['output_stride']} px, image pooling "
+                         f"{'on' if geometry['image_pooling'] else 'off'}")
+            lines += [f"  rate {b['rate']}: field {b['field_px']} px" + DEGENERATE * b["degenerate"]
+                      for b in geometry["branches"]]
+    return lines
+
+
+def model_cost(name: str, size: int, options: dict[str, Any] | None = None) -> dict[str, float]:
+    """{"params", "gflops"} of one model with these options at a ``size`` x ``size`` input (batch 1,
+    eval mode, built on the meta device: nothing allocated or computed)."""
+    with torch.device("meta"):
+        model = build_model(name, **(options or {}))
+    return {"params": float(count_params(model)), "gflops": round(_flops(model, size, "meta") / 1e9, 4)}

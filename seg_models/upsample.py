@@ -11,8 +11,11 @@
 - ``unpool``: ``F.max_unpool2d`` with the indices of the pool(s) being undone, zeros elsewhere; a
   ``scale`` of ``2**k`` undoes ``k`` pools. Every channel is unpooled with its own indices (SegNet /
   DeconvNet), so the map being unpooled has the pooled features' channel count. Unpooling alone leaves
-  3 of every 4 positions zero: a model puts learnable convolutions after it (``UnpoolStage``) and
+  3 of every 4 positions zero: a model puts learnable convolutions after it (``DecoderStage``) and
   predicts class scores only after them (see fcn.py and unet.py).
+
+``DecoderStage(method, channels, out_channels)`` is one step of a feature decoder with any of the
+three: the same 3x3 conv-BN-ReLU after each, so comparing methods there compares upsampling alone.
 """
 
 from __future__ import annotations
@@ -47,19 +50,24 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> n
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
-class UnpoolStage(nn.Module):
-    """One decoder step of SegNet / DeconvNet: max-unpool every channel with its own pooling indices
-    (the map has the pooled features' channel count), then a learnable 3x3 conv-BN-ReLU that densifies
-    the sparse map (3 of 4 positions are zero after unpooling) and maps it to ``out_channels``."""
+class DecoderStage(nn.Module):
+    """One step of a feature decoder (SegNet / DeconvNet style): ``Upsample(method, channels, 2)`` to
+    the size of the input of the pool being undone, then a learnable 3x3 conv-BN-ReLU (taps started
+    equal, ``uniform_taps_``) to ``out_channels``. Only the upsampling differs between methods:
+    ``unpool`` puts every channel at its own max's position (the map has the pooled features'
+    channel count; 3 of 4 positions stay zero, which the conv densifies), ``bilinear`` interpolates,
+    ``transposed`` is a learnable bilinear-initialised ``ConvTranspose2d``."""
 
-    def __init__(self, channels: int, out_channels: int) -> None:
+    def __init__(self, method: str, channels: int, out_channels: int) -> None:
         super().__init__()
         self.channels = channels
-        self.up = Upsample("unpool", channels, 2)
+        with torch.random.fork_rng(devices=[]):  # a deconv's discarded default init draws no numbers, so
+            self.up = Upsample(method, channels, 2)  # the three methods' convs start from the same weights
         self.conv = conv_bn_relu(channels, out_channels)
         uniform_taps_(self.conv[0])
 
     def forward(self, x: Tensor, pool: Pool) -> Tensor:
+        """Undo ``pool``: to its input size (``pool.size``), with its indices when unpooling."""
         return self.conv(self.up(x, pool.size, [pool]))
 
 
@@ -72,7 +80,9 @@ def uniform_taps_(conv: nn.Conv2d) -> nn.Conv2d:
     nearest upsampling) and the taps learn from there how to use the positions the indices give. With
     independent random taps, each channel of each 2x2 block lands on a tap picked by its own index: the
     full-resolution features are position noise that the score layer cannot learn from in a short run
-    (quickstart FCN-8s: background only after 3 epochs, even at 10x the decoder's learning rate)."""
+    (quickstart FCN-8s: background only after 3 epochs, even at 10x the decoder's learning rate).
+    ``DecoderStage`` uses it after every method (bilinear and transposed too), so the stages of the
+    three methods start alike and differ in the upsampling only."""
     with torch.no_grad():
         k = conv.weight.shape[-2:]
         conv.weight.copy_(conv.weight[:, :, k[0] // 2: k[0] // 2 + 1, k[1] // 2: k[1] // 2 + 1].expand_as(conv.weight))

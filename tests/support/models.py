@@ -12,7 +12,8 @@ from torch import nn
 from seg_models import build_model, model_info
 
 NAMES = ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50",
-         "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "unet", "unet_resnet50"]
+         "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "deeplabv3_small", "lraspp_mobilenet_v3_large",
+         "unet", "unet_resnet50"]
 SMALL = {"unet": {"base_channels": 8}}  # keep the plain UNet cheap; every other model at its defaults
 ODD = (45, 61)  # odd, not a multiple of any stride: FCN pads it to 64x64, UNet/ResNet floor at every stride
 
@@ -25,10 +26,15 @@ def cases():
     for name in NAMES:
         for method in model_info(name)["options"].get("upsample", [None]):
             options = {**SMALL.get(name, {}), **({"upsample": method} if method else {})}
+            if method == "unpool" and "decoder" in model_info(name)["options"]:
+                options["decoder"] = "features"  # FCN-VGG: a score map has no pooling indices to unpool with
             marks = [pytest.mark.slow] if "resnet101" in name else []
             yield pytest.param(name, options, id=f"{name}-{method or 'default'}", marks=marks)
     yield pytest.param("deeplabv3_resnet50", {"aspp": "cascade", "output_stride": 16}, id="deeplabv3-cascade")
     yield pytest.param("deeplabv3_mobilenet_v3_large", {"aux_loss": True}, id="deeplabv3_mobilenet-aux")
+    yield pytest.param("fcn8s_vgg16", {"upsample": "transposed", "decoder": "features", "width": 0.25, "batch_norm": True},
+                       id="fcn8s_vgg16-features-transposed")
+    yield pytest.param("deeplabv3_small", {"image_pooling": False}, id="deeplabv3_small-no-image-pooling")
 
 
 TORCHVISION = [
@@ -56,13 +62,14 @@ def toy_scenes(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, tor
     return (images - 0.5) / 0.25, masks
 
 
-def train_miou(upsample: str, steps: int = 40) -> tuple[float, float, float]:
+def train_miou(upsample: str, steps: int = 40, decoder: str | None = None) -> tuple[float, float, float]:
     """FCN-8s (width 1/8) trained on toy scenes with pipeline.engine's optimiser at the quickstart's
     lr: (mean loss of the first 5 steps, of the last 5, held-out mIoU)."""
     torch.manual_seed(0)
     x, y = toy_scenes(24)
     vx, vy = toy_scenes(8, seed=1)
-    model = build_model("fcn8s_vgg16", num_classes=3, upsample=upsample, width=0.125, batch_norm=True)
+    decoder = decoder or ("features" if upsample == "unpool" else "none")
+    model = build_model("fcn8s_vgg16", num_classes=3, upsample=upsample, decoder=decoder, width=0.125, batch_norm=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
     losses = []
     for step in range(steps):

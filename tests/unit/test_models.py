@@ -18,7 +18,7 @@ from torchvision.models import segmentation as tvs
 
 import seg_models
 from seg_models import BACKBONE_WEIGHTS, build_model, effective_atrous_rates, list_models, model_info
-from seg_models.upsample import UnpoolStage, Upsample, bilinear_kernel, max_pool
+from seg_models.upsample import DecoderStage, Upsample, bilinear_kernel, max_pool
 from tests.support.models import NAMES, ODD
 
 
@@ -36,13 +36,14 @@ def _meta(name: str, **options) -> nn.Module:
 # --------------------------------------------------------------------------- registry
 def test_registry_lists_every_model_with_info():
     assert list_models() == NAMES
-    families = {"fcn": 5, "deeplabv3": 3, "lraspp": 1, "unet": 2}
+    families = {"fcn": 5, "deeplabv3": 4, "lraspp": 1, "unet": 2}
     assert {f: sum(model_info(n)["family"] == f for n in NAMES) for f in families} == families
     for name in NAMES:
         info = model_info(name)
         assert set(info["options"]) == set(info["defaults"])
         assert info["backbone"] is None or info["backbone"] in BACKBONE_WEIGHTS
     assert model_info("fcn8s_vgg16")["options"]["upsample"] == ["bilinear", "transposed", "unpool"]
+    assert model_info("fcn8s_vgg16")["options"]["decoder"] == ["none", "features"]
     assert model_info("unet_resnet50")["options"]["upsample"] == ["bilinear", "transposed"]
     for url, fname in BACKBONE_WEIGHTS.values():
         assert url == "https://download.pytorch.org/models/" + fname
@@ -135,7 +136,7 @@ def _unpool_calls(model: nn.Module) -> list:
 
 @pytest.mark.parametrize("name", ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "unet"])
 def test_unpool_decoder_uses_each_channels_indices_then_convs(name):
-    options = {"width": 0.125, "batch_norm": True} if name.startswith("fcn") else {"base_channels": 4}
+    options = {"width": 0.125, "batch_norm": True, "decoder": "features"} if name.startswith("fcn") else {"base_channels": 4}
     model = build_model(name, num_classes=3, upsample="unpool", **options).eval()
     calls = _unpool_calls(model)
     with torch.no_grad():
@@ -150,17 +151,18 @@ def test_unpool_decoder_uses_each_channels_indices_then_convs(name):
     # scores come after learnable densifying convs: no pixel is left with all-zero logits
     assert (out.abs().sum(1) > 0).all()
     if name.startswith("fcn"):
-        stages = [m for m in model.modules() if isinstance(m, UnpoolStage)]
-        assert len(stages) == 5
+        stages = [m for m in model.modules() if isinstance(m, DecoderStage)]
+        assert len(stages) == 5 and all(s.up.method == "unpool" for s in stages)
         assert all(isinstance(s.conv[0], nn.Conv2d) and isinstance(s.conv[1], nn.BatchNorm2d) for s in stages)
-        assert [len(_meta(f"fcn{s}s_vgg16", upsample="unpool").decoder.skip) for s in (32, 16, 8)] == [0, 1, 2]
+        assert [len(_meta(f"fcn{s}s_vgg16", upsample="unpool", decoder="features").decoder.skip)
+                for s in (32, 16, 8)] == [0, 1, 2]
 
 
 def test_unpool_stage_starts_with_uniform_taps():
     """Each densifying conv starts with one weight per (out, in) pair on all 9 taps, so an unpooled value
     reaches the output the same way wherever its max was (``uniform_taps_``); training then makes the
     taps position-specific."""
-    stage = UnpoolStage(4, 6)  # (the learning test above fails with independent random taps)
+    stage = DecoderStage("unpool", 4, 6)  # (the learning test above fails with independent random taps)
     w = stage.conv[0].weight
     assert torch.equal(w, w[:, :, 1:2, 1:2].expand_as(w)) and w.abs().sum() > 0
 
@@ -230,6 +232,18 @@ INVALID = [
     ("deeplabv3_resnet50", {"aspp": "cascade", "atrous_rates": (6, 12, 18)}, "atrous_rates"),
     ("deeplabv3_resnet50", {"multi_grid": (1, 2)}, "multi_grid"),
     ("fcn8s_vgg16", {"upsample": "nearest"}, "upsample"),
+    ("fcn8s_vgg16", {"upsample": "unpool"}, "upsample 'unpool' needs a feature decoder: set decoder: features"),
+    ("fcn16s_vgg16", {"decoder": "unet"}, "decoder must be one of 'none', 'features', got 'unet'"),
+    ("fcn_resnet50", {"decoder": "features"}, "unknown option decoder"),
+    ("deeplabv3_resnet50", {"image_pooling": "no"}, "image_pooling must be one of True, False, got 'no'"),
+    ("deeplabv3_resnet50", {"aspp": "cascade", "image_pooling": False}, "image_pooling applies to aspp='parallel' only"),
+    ("deeplabv3_mobilenet_v3_large", {"image_pooling": 0}, "image_pooling"),
+    ("deeplabv3_small", {"output_stride": 16}, "output_stride must be one of 8, got 16"),
+    ("deeplabv3_small", {"width": 0}, "width must be a positive int, got 0"),
+    ("deeplabv3_small", {"aux_loss": True}, "unknown option aux_loss for model 'deeplabv3_small'"),
+    ("deeplabv3_small", {"aspp": "cascade"}, "unknown option aspp"),
+    ("deeplabv3_small", {"backbone_weights": None}, "backbone_weights"),
+    ("deeplabv3_small", {"atrous_rates": (6, 12)}, "atrous_rates must be three positive ints"),
     ("unet_resnet50", {"upsample": "unpool"}, "upsample"),
     ("unet", {"base_channels": 0}, "base_channels"),
     ("fcn_resnet50", {"aux_loss": "yes"}, "aux_loss"),
@@ -316,3 +330,191 @@ def test_fcn_vgg_width_and_batch_norm():
     for bad in (0, 1.5, "half", True):
         with pytest.raises(ValueError, match="width"):
             build_model("fcn8s_vgg16", width=bad)
+
+
+# --------------------------------------------------------------------------- DeepLabV3: image pooling, small, ASPP geometry
+ASPP_NAMES = [n for n in list_models() if "atrous_rates" in model_info(n)["options"]]
+
+
+def test_every_model_with_an_aspp_is_a_deeplabv3():
+    assert ASPP_NAMES == ["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "deeplabv3_small"]
+    assert all(model_info(n)["family"] == "deeplabv3" for n in ASPP_NAMES)
+
+
+@pytest.mark.parametrize("name", ASPP_NAMES)
+def test_image_pooling_false_drops_the_aspp_pooling_branch(name):
+    from seg_models.deeplabv3 import ASPPPooling
+
+    info = model_info(name)
+    assert info["options"]["image_pooling"] == [True, False] and info["defaults"]["image_pooling"] is True
+    on, off = _meta(name), _meta(name, image_pooling=False)
+    assert _meta(name, image_pooling=True).state_dict().keys() == on.state_dict().keys()
+    aspp_on, aspp_off = on.classifier[0], off.classifier[0]
+    assert len(aspp_on.convs) == 5 and isinstance(aspp_on.convs[4], ASPPPooling)
+    assert len(aspp_off.convs) == 4 and not any(isinstance(m, ASPPPooling) for m in off.modules())
+    c_in, c = aspp_on.convs[0][0].in_channels, aspp_on.convs[0][0].out_channels
+    assert (aspp_on.project[0].in_channels, aspp_off.project[0].in_channels) == (5 * c, 4 * c)
+    # exactly the pooling branch (1x1 conv, BN) and its share of the projection
+    assert sum(p.numel() for p in on.parameters()) - sum(p.numel() for p in off.parameters()) == c_in * c + 2 * c + c * c
+    assert _aspp_dilations(off) == _aspp_dilations(on)
+
+
+def test_without_image_pooling_far_pixels_no_longer_reach_the_output():
+    """At 96 px the small model's rates (12, 24, 36) are 1x1 convs (12 x 12 features): without image
+    pooling a pixel's logits see the input only within the receptive field; with it, the whole image."""
+    x = torch.randn(1, 3, 96, 96)
+    far = x.clone()
+    far[..., :16, :16] += 3.0
+    for image_pooling, reaches in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        model = build_model("deeplabv3_small", num_classes=3, image_pooling=image_pooling).eval()
+        with torch.no_grad():
+            changed = not torch.allclose(model(x)["out"][..., -8:, -8:], model(far)["out"][..., -8:, -8:], atol=1e-6)
+        assert changed == reaches, image_pooling
+
+
+def test_deeplabv3_small_shapes_receptive_field_and_cost():
+    info = model_info("deeplabv3_small")
+    assert (info["family"], info["backbone"]) == ("deeplabv3", None)
+    assert list(info["options"]) == ["width", "output_stride", "atrous_rates", "atrous_rates_at", "image_pooling"]
+    assert info["defaults"]["width"] == 32 and info["options"]["output_stride"] == [8]
+    model = build_model("deeplabv3_small").eval()
+    assert sum(p.numel() for p in model.parameters()) == 575349
+    assert _aspp_dilations(model) == [12, 24, 36]  # the paper's at output stride 8
+    assert model.classifier[0].convs[0][0].out_channels == 64 and model.classifier[-1].in_channels == 64  # 2 x width
+    with torch.no_grad():
+        assert model.backbone(torch.zeros(2, 3, 70, 90))["out"].shape == (2, 128, 9, 12)  # 4 x width, ceil(side / 8)
+        assert model(torch.zeros(2, 3, 70, 90))["out"].shape == (2, 21, 70, 90)
+    # receptive field of one feature cell: 39 x 39 input pixels (the docstring's)
+    x = torch.randn(1, 3, 128, 128, requires_grad=True)
+    model.backbone(x)["out"][0, :, 8, 8].sum().backward()
+    rows, cols = (x.grad[0].abs().sum(0) > 0).nonzero(as_tuple=True)
+    assert (int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1) == (39, 39)
+    assert _aspp_dilations(_meta("deeplabv3_small", atrous_rates=[6, 12, 18], atrous_rates_at=16)) == [12, 24, 36]
+    assert _aspp_dilations(_meta("deeplabv3_small", width=8, atrous_rates=[1, 2, 3])) == [1, 2, 3]
+    # CPU-sized: a forward pass of batch 8 at 96 px is under 2 GFLOPs (FlopCounterMode: multiply-add = 2)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        _meta("deeplabv3_small")(torch.zeros(8, 3, 96, 96, device="meta"))
+    assert 1.0e9 < counter.get_total_flops() < 2.0e9
+
+
+def test_deeplabv3_small_learns_on_cpu():
+    from tests.support.models import toy_scenes
+
+    x, y = toy_scenes(8, size=64)
+    model = build_model("deeplabv3_small", num_classes=3, atrous_rates=(1, 2, 3)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(model(x)["out"], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+
+
+@pytest.mark.parametrize("name", ASPP_NAMES)
+def test_aspp_feature_size_matches_a_forward_pass(name):
+    """feature_size = ceil(crop / output_stride), checked against the backbone on the meta device."""
+    strides = model_info(name)["options"].get("output_stride")
+    for stride in strides or [None]:
+        options = {"output_stride": stride} if stride else {}
+        backbone = _meta(name, **options).backbone
+        for crop in (32, 64, 96, 97, 130, 513):
+            geometry = seg_models.aspp_geometry(name, crop, **options)
+            side = backbone(torch.zeros(1, 3, crop, crop, device="meta"))["out"].shape[-1]
+            assert geometry["feature_size"] == side, (name, stride, crop)
+
+
+def test_aspp_geometry_known_answers():
+    from seg_models import aspp_geometry
+
+    mobile = aspp_geometry("deeplabv3_mobilenet_v3_large", 96)
+    assert (mobile["output_stride"], mobile["feature_size"], mobile["rates"]) == (16, 6, (12, 24, 36))
+    assert mobile["branches"] == [{"rate": 12, "field_px": 400, "degenerate": True},
+                                  {"rate": 24, "field_px": 784, "degenerate": True},
+                                  {"rate": 36, "field_px": 1168, "degenerate": True}]
+    paper = aspp_geometry("deeplabv3_mobilenet_v3_large", 96, atrous_rates=[6, 12, 18])
+    assert paper["rates"] == (6, 12, 18) and all(b["degenerate"] for b in paper["branches"])  # 6 >= 6
+    resnet = aspp_geometry("deeplabv3_resnet50", 513, atrous_rates=(12, 24, 36), output_stride=8)
+    assert (resnet["feature_size"], resnet["output_stride"], resnet["image_pooling"]) == (65, 8, True)
+    assert [(b["field_px"], b["degenerate"]) for b in resnet["branches"]] == [(200, False), (392, False), (584, False)]
+    scaled = aspp_geometry("deeplabv3_resnet50", 513, atrous_rates=(6, 12, 18), atrous_rates_at=16, output_stride=16)
+    assert (scaled["feature_size"], scaled["rates"]) == (33, (6, 12, 18))
+    assert [b["degenerate"] for b in aspp_geometry("deeplabv3_resnet50", 96, atrous_rates=(3, 11, 12))["branches"]] == [
+        False, False, True]  # 12 x 12 features: rate 11 still reaches a neighbour cell, 12 does not
+    assert aspp_geometry("deeplabv3_small", 64, image_pooling=False)["image_pooling"] is False
+    for name, options in (("deeplabv3_resnet50", {"aspp": "cascade"}), ("fcn8s_vgg16", {}), ("lraspp_mobilenet_v3_large", {})):
+        assert aspp_geometry(name, 96, **options) is None
+    for bad, message in (({"atrous_rates": (6, 12)}, "atrous_rates"), ({"dropout": 0.1}, "unknown option dropout")):
+        with pytest.raises(ValueError, match=message):
+            aspp_geometry("deeplabv3_resnet50", 96, **bad)
+    with pytest.raises(ValueError, match="crop_size"):
+        aspp_geometry("deeplabv3_resnet50", 0)
+
+
+def test_aspp_signature_equal_iff_same_computation():
+    from seg_models import aspp_signature as sig
+
+    m = "deeplabv3_mobilenet_v3_large"
+    assert sig(m, 96, atrous_rates=(6, 12, 18)) == sig(m, 96, atrous_rates=[12, 24, 36]) == sig(m, 96)  # all 1x1
+    assert sig(m, 96, atrous_rates=(6, 12, 18), atrous_rates_at=16) == sig(m, 96, atrous_rates=(6, 12, 18))
+    assert sig(m, 96, atrous_rates=(3, 6, 9)) != sig(m, 96) != sig(m, 96, atrous_rates=(1, 6, 12))
+    assert sig(m, 96, atrous_rates=(3, 6, 9)) == sig(m, 96, atrous_rates=(3, 7, 40)) != sig(m, 96, atrous_rates=(4, 6, 9))
+    assert sig(m, 513, atrous_rates=(6, 12, 18)) != sig(m, 513)  # at 513 px (33 x 33) none is degenerate
+    assert sig(m, 96, image_pooling=False) != sig(m, 96) == sig(m, 96, image_pooling=True, aux_loss=False)
+    assert sig(m, 96, aux_loss=True) != sig(m, 96)
+    r = "deeplabv3_resnet50"
+    assert sig(r, 513, atrous_rates=(6, 12, 18), atrous_rates_at=16) == sig(r, 513, atrous_rates=(12, 24, 36)) == sig(r, 513)
+    assert sig(r, 96, output_stride=16) != sig(r, 96)  # another backbone, though every rate is 1x1 at both
+    assert sig(r, 96, aspp="cascade") == sig(r, 96, aspp="cascade", multi_grid=[1, 2, 4], atrous_rates_at=16)
+    assert sig(r, 96, aspp="cascade") != sig(r, 96, aspp="cascade", multi_grid=(1, 2, 1))
+    assert sig("fcn8s_vgg16", 96) == sig("fcn8s_vgg16", 96, decoder="none") != sig("fcn8s_vgg16", 96, upsample="transposed")
+    assert len({sig(m, 96, atrous_rates=r) for r in [(6, 12, 18), (12, 24, 36), (3, 6, 9), (1, 6, 12)]}) == 3  # hashable
+
+
+def test_degenerate_rates_are_the_same_computation():
+    """Two sets of rates with one signature give the same outputs and gradients; with another, not."""
+    from seg_models import aspp_signature
+
+    def run(rates, size):
+        torch.manual_seed(0)
+        model = build_model("deeplabv3_small", num_classes=3, width=8, atrous_rates=rates)
+        out = model(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)))["out"]
+        out.square().mean().backward()
+        return out.detach(), model.classifier[0].project[0].weight.grad
+
+    for size, same in ((96, True), (160, False)):  # 12 x 12 features: 12 and 13 are 1x1; 20 x 20: neither
+        assert (aspp_signature("deeplabv3_small", size, atrous_rates=(12, 24, 36))
+                == aspp_signature("deeplabv3_small", size, atrous_rates=(13, 30, 50))) == same
+        (out_a, grad_a), (out_b, grad_b) = run((12, 24, 36), size), run((13, 30, 50), size)
+        assert (torch.allclose(out_a, out_b, atol=1e-5) and torch.allclose(grad_a, grad_b, atol=1e-5)) == same
+
+
+def test_aspp_lines_and_the_models_crop_option(monkeypatch, capsys):
+    import argparse
+
+    from pipeline.errors import UserError
+    from pipeline.stages import models as stage
+    from seg_models import summary
+
+    lines = summary.aspp_lines(96)
+    at = lines.index("deeplabv3_mobilenet_v3_large, output stride 16: feature map 6 x 6, 1x1 branch 16 px, image pooling on")
+    assert lines[at + 1:at + 4] == ["  rate 12: field 400 px = 1x1 conv at this crop",
+                                    "  rate 24: field 784 px = 1x1 conv at this crop",
+                                    "  rate 36: field 1168 px = 1x1 conv at this crop"]
+    big = summary.aspp_lines(513)
+    at = big.index("deeplabv3_resnet50, output stride 8: feature map 65 x 65, 1x1 branch 8 px, image pooling on")
+    assert big[at + 1:at + 4] == ["  rate 12: field 200 px", "  rate 24: field 392 px", "  rate 36: field 584 px"]
+    assert len(lines) == 1 + 4 * 6  # resnet50/101 at output stride 8 and 16, mobilenet, small
+    parser = argparse.ArgumentParser()
+    stage.add_arguments(parser)
+    monkeypatch.setattr(summary, "model_table", lambda size: [])  # the table itself is test_model_table_and_format's
+    assert stage.run(None, parser.parse_args(["--crop", "96"])) == 0
+    out = capsys.readouterr().out
+    assert "feature map 12 x 12" in out and out.count("= 1x1 conv at this crop") == 18
+    assert stage.run(None, parser.parse_args([])) == 0 and "ASPP" not in capsys.readouterr().out
+    with pytest.raises(UserError, match="--crop"):
+        stage.run(None, parser.parse_args(["--crop", "0"]))
