@@ -170,7 +170,15 @@ class SyntheticParams(_Strict):
     size: int = Field(ge=32, le=2048, description="side of the square generated images")
     seed: int = Field(ge=0, le=MAX_SEED, description="generation seed (same seed, same bytes)")
     max_objects: int = Field(ge=1, le=10, description="objects per scene")
-    classes: list[int] = Field(description="VOC class ids the scenes draw from")
+    classes: list[int] = Field(description="VOC class ids the scenes draw from; in `scenes` the i-th id gets "
+                               "the i-th look of the generator's table (ids 1-4: shape, texture and context decide)")
+    kind: Literal["scenes", "context"] = Field(
+        description="scenes: a class is a (shape, texture) pair, or where it sits, never a colour (the "
+        "quickstart task) | context: a known-answer field-of-view test: identical discs whose class only "
+        "a ring at context_distance px around each one tells (2+ classes per image, rings labelled background)")
+    context_distance: int = Field(ge=1, description="context: radius (px) of the class ring around each "
+                                  "object's centre; from size / 20 + 4 (ring outside the disc) to size / 3 "
+                                  "(two ringed objects fit); at output stride 8 an ASPP rate r reaches 8 r px")
 
     @field_validator("classes")
     @classmethod
@@ -180,7 +188,18 @@ class SyntheticParams(_Strict):
         bad = [c for c in v if not 1 <= c <= 20]
         if bad:
             raise ValueError(f"class ids must be in 1..20, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"class ids must be distinct, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _context_fits(self) -> "SyntheticParams":
+        # pipeline.data.synthetic: discs of radius max(3, size / 20), a 3 px ring, centres 2 d + 4 px apart
+        lo, hi = max(3.0, self.size / 20) + 4, self.size / 3
+        if self.kind == "context" and not lo <= self.context_distance <= hi:
+            raise ValueError(f"context_distance ({self.context_distance}) must be in {lo:g}..{hi:g} at "
+                             f"size {self.size} (the ring outside the object, two ringed objects in the image)")
+        return self
 
 
 class DataParams(_Strict):
@@ -271,6 +290,9 @@ class TrainParams(_Strict):
     warmup_epochs: float = Field(ge=0, description="linear warmup before the poly schedule")
     poly_power: float = Field(gt=0, description="power of the poly LR decay after the warmup")
     bn_momentum: float | None = Field(gt=0, le=1, description="override every BatchNorm's momentum (None: the model's own)")
+    bn_recalibrate: int = Field(ge=0, le=10000, description="before each evaluation, re-estimate every BatchNorm's "
+                                "running statistics over this many train batches (0: off); a short training's running "
+                                "averages lag its weights and score it too low")
     aux_weight: float = Field(ge=0, description="weight of the aux loss where the model has one")
     aux_lr_mult: float = Field(gt=0, description="lr multiplier of the aux classifier (torchvision's recipe: 10)")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(description="auto: bf16, else fp16 on GPU; off on CPU")
@@ -413,11 +435,16 @@ class TuneParams(_Strict):
     space: dict[str, dict[str, Any]] = Field(description="family -> entry -> search entry or fixed value")
     search_alg: Literal["random", "optuna"] = Field(description="random: grid entries crossed, the rest "
                                                     "sampled; optuna: TPE (grid entries become choices)")
-    num_samples: int = Field(ge=1, description="random: repeats of the grid (each with fresh samples); optuna: trials")
+    num_samples: int = Field(ge=1, description="optimiser phase (lr, weight_decay, momentum): random: repeats of "
+                             "its grid (each with fresh samples); optuna: trials")
+    seeds: int = Field(ge=1, le=100, description="architecture phase: seeds per grid point (seed, seed+1, ...); "
+                       "each point's val mIoU is the mean ± std over them, no point is stopped early")
     max_concurrent_trials: int = Field(ge=1, description="trials at once")
-    max_epochs: int = Field(ge=1, description="epochs of a trial that is never stopped (ASHA max_t)")
-    grace_period: int = Field(ge=1, description="ASHA: epochs before a trial can be stopped")
-    reduction_factor: int = Field(ge=2, description="ASHA: keep the top 1/reduction_factor at each rung")
+    max_epochs: int = Field(ge=1, description="epochs of every architecture trial and of an optimiser trial "
+                            "ASHA never stops (ASHA max_t)")
+    grace_period: int = Field(ge=1, description="ASHA (optimiser phase only): epochs before a trial can be stopped")
+    reduction_factor: int = Field(ge=2, description="ASHA (optimiser phase only): keep the top 1/reduction_factor "
+                                  "at each rung")
     num_workers: int = Field(ge=1, description="Ray Train workers per trial")
     cpus_per_worker: float = Field(gt=0, description="CPUs each trial worker reserves")
     trainable_cpus: float = Field(ge=0, description="CPUs of the trial driver (it only waits for its TorchTrainer)")

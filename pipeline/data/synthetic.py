@@ -1,13 +1,33 @@
 """Synthetic VOC-format scenes: JPEG images and palette PNG masks in the VOC layout.
 
-Each scene is a noisy textured background with 1..max_objects shapes. A shape's class decides its
-colour family and its outline (box, ellipse or triangle), so a small network learns the task in a
-few CPU minutes, while the data still has what real VOC has: several classes per image, occlusion,
-and a void (255) band along every object boundary. Same seed -> same bytes.
+Two kinds (``data.synthetic.kind``), both with VOC class ids from ``data.synthetic.classes``, a void
+(255) band along every object boundary and the same bytes for the same seed:
+
+``scenes`` (the default): a class is a (shape, texture) pair, never a colour. Every object's two
+colours are drawn from one distribution shared by all classes, so colour alone says nothing about
+the class. The i-th entry of ``classes`` gets row i of :data:`CLASS_TABLE`: the first four are an
+ellipse with stripes, a box with stripes (shape decides), an ellipse with a checkerboard (texture
+decides) and again an ellipse with stripes that sits in the lake (context decides: row 0's objects
+never do). Every scene has a lake (an elliptic background region with its own wavy texture) and
+background clutter: wobbly blobs painted with the class textures, so texture alone does not decide
+either. Objects are rotated, their aspect ratio varies (some are thin), their size varies (some are
+small) and later objects occlude earlier ones.
+
+``context``: a known-answer test of the field of view. All objects look alike (a disc of one
+radius, colours from one shared distribution, the same texture); an object's class is given only
+by a thin ring centred on the object's centre at radius ``context_distance`` px (its centre line),
+coloured by the class. Rings are labelled background (0). Every scene holds 2+ objects of
+different classes (where ``max_objects`` and ``classes`` allow), placed so that no ring comes
+closer to another object's centre than its own ring does (centres >= 2 * distance + ring width
+apart); when there is room, distractor rings with no object inside are added. A model whose field
+of view reaches ``context_distance`` from an object's pixels can name the class; one that sees
+less can only say "object" (a global image summary sees every ring of the image at once, not
+which ring belongs to which object).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -18,31 +38,93 @@ from tqdm import tqdm
 from pipeline.config import SyntheticParams
 from pipeline.data.palette import save_mask_png
 
-def _class_colour(cls: int) -> np.ndarray:
-    """A distinct, saturated base colour per VOC class id 1..20 (hues 18 degrees apart)."""
-    h = (cls - 1) / 20.0
-    # HSV (h, 0.85, 0.9) -> RGB
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    v, s = 0.9, 0.85
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
-    return np.array(rgb) * 255.0
+SHAPES = ("ellipse", "box", "triangle", "bar", "annulus", "cross")
+TEXTURES = ("stripes", "checker", "dots", "plain")
+# row i = the look of the i-th class of data.synthetic.classes: (shape, texture, where it sits:
+# "any", "out" of the lake or "in" it). Rows 0 and 3 differ only by where they sit.
+CLASS_TABLE = (
+    ("ellipse", "checker", "out"), ("box", "stripes", "any"), ("ellipse", "stripes", "any"),
+    ("ellipse", "checker", "in"), ("bar", "plain", "any"), ("triangle", "dots", "any"),
+    ("annulus", "checker", "any"), ("cross", "dots", "any"), ("box", "dots", "any"),
+    ("triangle", "plain", "any"), ("annulus", "stripes", "any"), ("cross", "checker", "any"),
+    ("bar", "stripes", "any"), ("box", "checker", "any"), ("ellipse", "dots", "any"),
+    ("triangle", "checker", "any"), ("annulus", "dots", "any"), ("cross", "plain", "any"),
+    ("bar", "dots", "any"), ("triangle", "stripes", "any"),
+)
+CLUTTER = 0  # at most this many background blobs per scene
+RING_WIDTH = 3  # px, the context ring
 
 
-def _shape_mask(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
+@functools.lru_cache(maxsize=4)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    h = rng.uniform(0.25, 0.5) * size
-    w = rng.uniform(0.25, 0.5) * size
-    cy, cx = rng.uniform(h / 2, size - h / 2), rng.uniform(w / 2, size - w / 2)
-    if kind == 0:  # box
-        return (np.abs(yy - cy) <= h / 2) & (np.abs(xx - cx) <= w / 2)
-    if kind == 1:  # ellipse
-        return ((yy - cy) / (h / 2)) ** 2 + ((xx - cx) / (w / 2)) ** 2 <= 1.0
-    # triangle pointing up: inside if below the two slanted edges and above the base
-    top, base = cy - h / 2, cy + h / 2
-    half = (yy - top) / max(h, 1.0) * (w / 2)
-    return (yy >= top) & (yy <= base) & (np.abs(xx - cx) <= half)
+    return yy, xx
+
+
+def _frame(size: int, cy: float, cx: float, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates in an object's frame: u along its width, v along its height."""
+    yy, xx = _grid(size)
+    dy, dx = yy - cy, xx - cx
+    c, s = np.cos(angle), np.sin(angle)
+    return dx * c + dy * s, -dx * s + dy * c
+
+
+def _shape(kind: str, u: np.ndarray, v: np.ndarray, h: float, w: float) -> np.ndarray:
+    """Pixels inside a shape of height h, width w, centred at u = v = 0."""
+    r = (u / (w / 2)) ** 2 + (v / (h / 2)) ** 2
+    if kind == "ellipse":
+        return r <= 1.0
+    if kind in ("box", "bar"):
+        return (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
+    if kind == "triangle":  # apex at v = -h/2, base at v = +h/2
+        return (np.abs(v) <= h / 2) & (np.abs(u) <= (v + h / 2) / h * (w / 2))
+    if kind == "annulus":
+        return (r <= 1.0) & (r >= 0.3)
+    if kind == "cross":
+        return (((np.abs(u) <= w / 2) & (np.abs(v) <= h / 6)) | ((np.abs(u) <= w / 6) & (np.abs(v) <= h / 2)))
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+def _texture(kind: str, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarray:
+    """The weight of an object's second colour per pixel (0..1), in the object's own frame."""
+    if kind == "stripes":
+        return (np.sin(2 * np.pi * u / period) > 0).astype(np.float32)
+    if kind == "checker":
+        return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+    if kind == "dots":
+        du = u / period - np.round(u / period)
+        dv = v / period - np.round(v / period)
+        return (du * du + dv * dv <= 0.09).astype(np.float32)
+    if kind == "plain":
+        return np.zeros_like(u)
+    if kind == "waves":  # the lake's own texture
+        return (np.sin(2 * np.pi * (v + 1.5 * np.sin(u / 3.0)) / period) > 0.3).astype(np.float32)
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+def _colours(rng: np.random.Generator, contrast: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Two colours of one object, from the distribution every class shares: any colour, and a
+    second one at a random direction from it, `contrast` RGB units away."""
+    c1 = rng.uniform(30, 225, size=3)
+    d = rng.normal(size=3)
+    c2 = np.clip(c1 + d / np.linalg.norm(d) * rng.uniform(*contrast), 0, 255)
+    return c1, c2
+
+
+def _paint(img: np.ndarray, region: np.ndarray, texture: np.ndarray, rng: np.random.Generator,
+           contrast: tuple[float, float] = (60, 120), noise: float = 10.0) -> None:
+    c1, c2 = _colours(rng, contrast)
+    t = texture[region][:, None]
+    img[region] = c1 * (1 - t) + c2 * t + rng.normal(0, noise, size=(int(region.sum()), 3))
+
+
+def _background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A muted grey level with a tint, a gradient and grain."""
+    yy, xx = _grid(size)
+    base = rng.uniform(60, 190) + rng.uniform(-25, 25, size=3)
+    slope = rng.uniform(-40, 40, size=(2, 1)) + rng.uniform(-15, 15, size=(2, 3))
+    img = base + (yy / size)[..., None] * slope[0] + (xx / size)[..., None] * slope[1]
+    return img + rng.normal(0, 10, size=(size, size, 3))
 
 
 def _boundary(mask: np.ndarray, width: int) -> np.ndarray:
@@ -57,27 +139,155 @@ def _boundary(mask: np.ndarray, width: int) -> np.ndarray:
     return grown & ~shrunk
 
 
+def _pick(rng: np.random.Generator, allowed: np.ndarray) -> tuple[float, float] | None:
+    """A random pixel (y, x) where `allowed` holds, or None."""
+    idx = np.flatnonzero(allowed)
+    if idx.size == 0:
+        return None
+    k = int(idx[int(rng.integers(idx.size))])
+    return float(k // allowed.shape[1]), float(k % allowed.shape[1])
+
+
+def _lake(size: int, rng: np.random.Generator) -> np.ndarray:
+    """The lake's normalised radius per pixel (< 1 inside): an ellipse of 0.25-0.4 x size semi-axes."""
+    a, b = rng.uniform(0.25, 0.4, size=2) * size
+    cy, cx = rng.uniform(0.3, 0.7, size=2) * size
+    u, v = _frame(size, cy, cx, rng.uniform(0, np.pi))
+    return np.sqrt((u / a) ** 2 + (v / b) ** 2)
+
+
+def _clutter(img: np.ndarray, size: int, rng: np.random.Generator) -> None:
+    """Background blobs (wobbly outlines, no class shape) painted with the class textures."""
+    for _ in range(int(rng.integers(0, CLUTTER + 1))):
+        cy, cx = rng.uniform(0, size, size=2)
+        u, v = _frame(size, cy, cx, rng.uniform(0, np.pi))
+        a, b = rng.uniform(0.06, 0.14, size=2) * size
+        theta = np.arctan2(v / b, u / a)
+        wobble = 1 + 0.35 * np.sin(int(rng.integers(3, 6)) * theta + rng.uniform(0, 2 * np.pi))
+        blob = np.sqrt((u / a) ** 2 + (v / b) ** 2) <= wobble
+        tex = TEXTURES[int(rng.integers(len(TEXTURES)))]
+        _paint(img, blob, _texture(tex, u, v, rng.uniform(4, 7)), rng)
+
+
+def _object(size: int, shape: str, centre: tuple[float, float], rng: np.random.Generator,
+            scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mask, u, v) of one object: rotated, 0.3-0.6 x size long (one in four small: 0.1-0.25;
+    bars 0.4-0.75 long and 6-10 % of size wide), aspect 0.4-1."""
+    u, v = _frame(size, *centre, rng.uniform(0, np.pi))
+    if shape == "bar":
+        h = rng.uniform(0.4, 0.75) * size * scale
+        w = max(4.0, rng.uniform(0.06, 0.1) * size)
+    else:
+        h = (rng.uniform(0.1, 0.25) if rng.random() < 0.25 else rng.uniform(0.3, 0.6)) * size * scale
+        w = h * rng.uniform(0.4, 1.0)
+    return _shape(shape, u, v, h, w), u, v
+
+
+def _scenes(p: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A `scenes` image (float RGB) and its mask (see the module docstring)."""
+    size = p.size
+    img = _background(size, rng)
+    rho = _lake(size, rng)
+    lake = rho <= 1.0
+    u, v = _frame(size, 0.0, 0.0, rng.uniform(-0.3, 0.3))
+    _paint(img, lake, _texture("waves", u, v, rng.uniform(5, 8)), rng, contrast=(30, 50))
+    _clutter(img, size, rng)
+    mask = np.zeros((size, size), np.uint8)
+    void = np.zeros((size, size), bool)
+    where = {"in": rho <= 0.5, "out": rho >= 1.2, "any": np.ones_like(lake)}
+    for _ in range(int(rng.integers(1, p.max_objects + 1))):
+        k = int(rng.integers(len(p.classes)))
+        shape, tex, place = CLASS_TABLE[k % len(CLASS_TABLE)]
+        centre = _pick(rng, where[place])
+        if centre is None:
+            continue
+        scale = 0.7 if place == "in" else 1.0  # an object in the lake stays inside it
+        obj, ou, ov = _object(size, shape, centre, rng, scale)
+        if not obj.any():
+            continue
+        _paint(img, obj, _texture(tex, ou, ov, rng.uniform(4, 7)), rng)
+        mask[obj] = p.classes[k]
+        void &= ~obj
+        void |= _boundary(obj, max(1, size // 64))
+    mask[void] = 255
+    return img, mask
+
+
+def _ring_colour(k: int, n: int) -> np.ndarray:
+    """The ring colour of the k-th of n classes: hues evenly spaced, full saturation."""
+    h = k / max(n, 1)
+    i, f = int(h * 6) % 6, h * 6 - int(h * 6)
+    v, s = 235.0, 0.9
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
+
+
+def _context_centres(p: SyntheticParams, rng: np.random.Generator, want: int) -> list[tuple[float, float]]:
+    """Up to `want` centres at least 2 * distance + ring width apart (two wherever two fit)."""
+    size, d = p.size, p.context_distance
+    yy, xx = _grid(size)
+    lo, hi = _context_margin(p), size - 1 - _context_margin(p)
+    inside = (yy >= lo) & (yy <= hi) & (xx >= lo) & (xx <= hi)
+    sep = 2 * d + RING_WIDTH + 1
+    best: list[tuple[float, float]] = []
+    for _ in range(8):  # redraw the first centre when it leaves no room for a second
+        centres: list[tuple[float, float]] = []
+        free = inside.copy()
+        while len(centres) < want:
+            c = _pick(rng, free)
+            if c is None:
+                break
+            centres.append(c)
+            free &= (yy - c[0]) ** 2 + (xx - c[1]) ** 2 >= sep * sep
+        if len(centres) > len(best):
+            best = centres
+        if len(best) >= min(2, want):
+            break
+    return best
+
+
+def _context_margin(p: SyntheticParams) -> int:
+    """Centres keep this far from the border: the object and a third of its ring stay in the image."""
+    return max(_disc_radius(p.size) + 2, p.context_distance // 3)
+
+
+def _disc_radius(size: int) -> float:
+    return max(3.0, size / 20)
+
+
+def _context(p: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A `context` image (float RGB) and its mask (see the module docstring)."""
+    size, n = p.size, len(p.classes)
+    img = _background(size, rng)
+    mask = np.zeros((size, size), np.uint8)
+    void = np.zeros((size, size), bool)
+    want = int(rng.integers(min(2, p.max_objects), p.max_objects + 1)) if n > 1 else 1
+    want = min(want, n)
+    centres = _context_centres(p, rng, want + int(rng.integers(0, 3)))  # + distractor rings where there is room
+    objects = min(want, len(centres))
+    ks = rng.permutation(n)[:objects].tolist() + rng.integers(0, n, size=len(centres) - objects).tolist()
+    yy, xx = _grid(size)
+    for j, (cy, cx) in enumerate(centres):
+        r = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        ring = np.abs(r - p.context_distance) <= RING_WIDTH / 2
+        colour = _ring_colour(ks[j], n)
+        img[ring] = colour + rng.normal(0, 8, size=(int(ring.sum()), 3))
+        if j >= objects:
+            continue
+        disc = r <= _disc_radius(size)
+        d = rng.normal(size=3)  # one colour 60-120 RGB units from the background there, any direction
+        colour = np.clip(img[disc].mean(0) + d / np.linalg.norm(d) * rng.uniform(60, 120), 0, 255)
+        img[disc] = colour + rng.normal(0, 10, size=(int(disc.sum()), 3))
+        mask[disc] = p.classes[ks[j]]
+        void |= _boundary(disc, max(1, size // 64))
+    mask[void] = 255
+    return img, mask
+
+
 def make_scene(index: int, p: SyntheticParams) -> tuple[bytes, np.ndarray]:
     """One scene -> (JPEG bytes, uint8 mask with VOC ids and 255 void)."""
     rng = np.random.default_rng([p.seed, index])
-    size = p.size
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    # muted (low-saturation) background: a grey level with a slight tint, a gradient and grain
-    base = rng.uniform(70, 170) + rng.uniform(-15, 15, size=3)
-    slope = rng.uniform(-30, 30, size=(2, 1)) + rng.uniform(-8, 8, size=(2, 3))
-    img = base + yy[..., None] * slope[0] + xx[..., None] * slope[1]
-    img += rng.normal(0, 12, size=(size, size, 3))
-    mask = np.zeros((size, size), np.uint8)
-    void = np.zeros((size, size), bool)
-    for _ in range(int(rng.integers(1, p.max_objects + 1))):
-        cls = int(rng.choice(p.classes))
-        shape = _shape_mask(cls % 3, size, rng)
-        colour = _class_colour(cls) + rng.normal(0, 10, size=3)
-        img[shape] = colour + rng.normal(0, 14, size=(int(shape.sum()), 3))
-        mask[shape] = cls
-        void &= ~shape
-        void |= _boundary(shape, max(1, size // 64))
-    mask[void] = 255
+    img, mask = (_context if p.kind == "context" else _scenes)(p, rng)
     buf = io.BytesIO()
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue(), mask

@@ -155,3 +155,29 @@ def _upsample_bars(plt, rows: list[dict], space, path: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
+
+
+def ablation_plot(result: dict, family: str, space, path: Path) -> Path:
+    """The architecture phase's answer: one panel per searched axis, a bar per value at its mean val
+    mIoU over the seeds with a ± std error bar, each seed's value as a dot; the configured value hatched."""
+    axes = list(result["axes"].items())
+    widths = [max(2, len(t)) for _, t in axes]
+    fig, panels = plt.subplots(1, len(axes), squeeze=False, figsize=(1.6 + 1.2 * sum(widths), 4.2),
+                               gridspec_kw={"width_ratios": widths})
+    color = space.info.color or "C0"
+    for ax, (axis, table) in zip(panels[0], axes):
+        for i, r in enumerate(table):
+            if r["mean"] is None:
+                continue
+            ax.bar(i, r["mean"], 0.7, color=color, alpha=0.55, edgecolor="0.3", hatch="//" if r["configured"] else None,
+                   yerr=r["std"] or 0, capsize=4)
+            ax.scatter([i] * len(r.get("mIoUs", [])), r.get("mIoUs", []), color="k", s=12, zorder=3)
+            if r["verdict"].startswith(("better", "worse")):
+                ax.text(i, r["mean"] + (r["std"] or 0), "*", ha="center", va="bottom", fontsize=12)
+        ax.set_xticks(range(len(table)), [show(r["value"]) for r in table], rotation=20 if len(table) > 3 else 0,
+                      fontsize=8)
+        ax.set_title(axis, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    panels[0][0].set_ylabel("val mIoU, mean ± std over seeds")
+    fig.suptitle(f"{family}: ablation (hatched: configured; dots: seeds; *: beyond the seed spread)", fontsize=10)
+    return _save(plt, fig, path)

@@ -12,6 +12,7 @@ from pipeline.data.voc import VOC_CLASSES
 from pipeline.errors import UserError
 from pipeline.reporting.runs import NOT_A_SETTING, Group, mean_std, trained_with
 from pipeline.profiles import profile_anchors
+from pipeline.stats import beyond_spread
 from seg_models import model_info
 
 METRICS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
@@ -30,11 +31,7 @@ def comparisons(groups: list[Group]) -> list[dict]:
         for b in ranked[i + 1:]:
             sa, sb = a.stat("mIoU"), b.stat("mIoU")
             gap = sa["mean"] - sb["mean"]
-            if sa["std"] is None or sb["std"] is None:
-                verdict, spread = "one seed: spread unknown", None
-            else:
-                spread = sa["std"] + sb["std"]
-                verdict = "inside the seed spread" if gap <= spread else "larger than the seed spread"
+            verdict, spread = beyond_spread(gap, sa["std"], sb["std"])
             out.append({"better": a.family, "worse": b.family, "delta_mIoU": gap, "spread": spread, "verdict": verdict})
     return out
 
@@ -122,7 +119,8 @@ def _family(g: Group) -> dict:
 
 
 def to_comparison(p: Params, uri: str, exp, groups: list[Group], dev_name: str, left_out: list[str],
-                  missing: list[str], trials: list[dict], tuned: dict[str, str], figs: dict[str, str]) -> dict:
+                  missing: list[str], trials: list[dict], tuned: dict[str, str], figs: dict[str, str],
+                  ablations: dict[str, dict] | None = None) -> dict:
     """The comparison.json content: everything comparison.md shows. ``exp``: the MLflow experiment
     (name, experiment_id); ``tuned``: :func:`tuned_families`; ``figs``: figures.draw's name -> path."""
     differ, shared = differing_params(groups)
@@ -144,5 +142,6 @@ def to_comparison(p: Params, uri: str, exp, groups: list[Group], dev_name: str, 
         # family -> the split its tune trials selected on, only for families whose runs used the tuned values
         "tuned_families": tuned,
         "tune_trials": trials,
+        "tune_ablations": ablations or {},  # family -> its newest tune's ablation tables (pipeline.tuning.ablation)
         "figures": figs,
     }

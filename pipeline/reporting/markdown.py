@@ -7,6 +7,7 @@ from __future__ import annotations
 from seg_models.registry import FAMILIES
 
 from pipeline.data.voc import VOC_CLASSES
+from pipeline.tuning.ablation import markdown as markdown_tables
 
 
 def _f(v, digits: int = 3) -> str:
@@ -193,6 +194,16 @@ def _tune(s: dict) -> list[str]:
     L.append("")
     if "tune" in s["figures"]:
         L += [f"![tune trials]({s['figures']['tune']})", ""]
+    ablations = s.get("tune_ablations") or {}
+    if ablations:
+        L += ["### Ablations (architecture phase)", "",
+              "Each searched axis is varied alone around the family's configured point, at the optimiser settings "
+              "the optimiser phase chose; each value's val mIoU on the selection split is the mean ± std over the "
+              "tune's seeds. A value is adopted only when it beats the configured one by more than the seed spread "
+              "(std + std).", ""]
+        for fam, result in ablations.items():
+            L += markdown_tables(fam, result) if "axes" in result else [f"{fam}: the tables did not fit the run tag; "
+                                                                       "see the tune run's ablation.md", ""]
     return L
 
 

@@ -128,11 +128,13 @@ def build(p: Params, progress: bool = True) -> dict:
     if p.report.register_best:
         _register(c, uri, groups, say)
     trials = tune_trials(c, exp.experiment_id, p)
-    tuned = tuned_families(groups, tune_best_configs(c, exp.experiment_id, p), trials)
+    tunes = tune_best_configs(c, exp.experiment_id, p)
+    tuned = tuned_families(groups, tunes, trials)
+    ablations = {fam: ts[0]["ablation"] for fam, ts in tunes.items() if ts[0]["ablation"]}  # the newest tune's
     out_dir = Path(p.train.reports_dir)
     summary, figs = _write(
         out_dir, lambda fig_dir: figures.draw(groups, samples, predictions, trials, fig_dir, dev_name),
-        lambda figs: to_comparison(p, uri, exp, groups, dev_name, left_out, missing, trials, tuned, figs))
+        lambda figs: to_comparison(p, uri, exp, groups, dev_name, left_out, missing, trials, tuned, figs, ablations))
     say(f"report: wrote {out_dir / 'comparison.md'}, {out_dir / 'comparison.json'} and {len(figs)} figures in "
         f"{out_dir / figures.FIGURES}")
     return summary

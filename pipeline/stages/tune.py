@@ -58,8 +58,10 @@ def run(p: Params, args) -> int:
         from pipeline.tuning.apply import apply_best
         from pipeline.tuning.results import out_dir
 
-        changes = apply_best(args.params, p, families)
-        print(f"{args.params}: " + ("; ".join(changes) if changes else "already holds the best config")
+        changes, notes = apply_best(args.params, p, families)
+        for note in notes:
+            print(note)
+        print(f"{args.params}: " + ("; ".join(changes) if changes else "already holds the adopted config")
               + f" (from {', '.join(str(out_dir(p, f) / 'best_config.json') for f in families)})")
         return 0
     from pipeline import tracking
@@ -68,9 +70,15 @@ def run(p: Params, args) -> int:
     from pipeline.storage import check_owned
     from pipeline.tuning.results import TUNE_LEGACY, out_dir
     from pipeline.tuning.runner import check_resources, tune_family
+    from pipeline.config import family_params
+    from pipeline.tuning.phases import ARCHITECTURE, check_distinct, split
     from pipeline.tuning.space import resolve_space
 
     spaces = [resolve_space(p, fam) for fam in families]  # the whole space is checked before any trial
+    for space in spaces:  # and no two architecture grid points are the same computation
+        arch = split(space).get(ARCHITECTURE)
+        if arch is not None:
+            check_distinct(arch, family_params(p, space.family).train.crop_size)
     for fam in families:  # the result folder each tune replaces at its end: segpipe's, or refused now
         check_owned(out_dir(p, fam), "train.reports_dir", TUNE_LEGACY)
     check_data(p)
@@ -80,7 +88,8 @@ def run(p: Params, args) -> int:
     check_resources(p)
     for space in spaces:
         s = tune_family(p, space)
+        spread = f" ± {s['best_val_mIoU_std']:.3f}" if "best_val_mIoU_std" in s else ""
         log.info(f"[{space.family}] tune done in {s['tune_seconds']:.0f}s: {s['trials']} trials "
-                 f"({s['completed']} completed, {s['early_stopped']} stopped early, {s['errored']} failed), best val "
-                 f"mIoU {s['best_val_mIoU']:.3f} (MLflow run {s['mlflow_parent_run_id']})")
+                 f"({s['completed']} completed, {s['early_stopped']} stopped early, {s['errored']} failed), adopted "
+                 f"config val mIoU {s['best_val_mIoU']:.3f}{spread} (MLflow run {s['mlflow_parent_run_id']})")
     return 0

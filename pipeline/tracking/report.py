@@ -9,6 +9,7 @@ on it (which runs are averaged, whether a family was tuned) live in ``pipeline.r
 from __future__ import annotations
 
 import csv
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -166,7 +167,9 @@ def tune_best_configs(c, experiment_id: str, p: Params) -> dict[str, list[dict]]
         fam = r.data.tags.get("family")
         best = {k[len("best."):]: v for k, v in r.data.params.items() if k.startswith("best.")}
         if fam in p.families and "model" in best:
-            out.setdefault(fam, []).append({"run_id": r.info.run_id, "best": best})
+            text = r.data.tags.get("ablation")
+            out.setdefault(fam, []).append({"run_id": r.info.run_id, "best": best,
+                                            "ablation": json.loads(text) if text else None})
     return out
 
 

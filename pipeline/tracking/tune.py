@@ -60,18 +60,22 @@ def start_tune(uri: str, p: Params, *, family: str, model: str, options: dict, r
 
 
 def open_trial_run(uri: str, p: Params, *, family: str, model: str, options: dict, parent_run_id: str,
-                   trial_id: str, ray_experiment: str, splits: dict, hp: dict[str, str]) -> str:
+                   trial_id: str, ray_experiment: str, splits: dict, hp: dict[str, str], phase: str, seed: int,
+                   cost: dict) -> str:
     """The trial's child run: the one a resumed trial already has (RUNNING again; the epoch callback
-    continues its history), else a new one with the trial's searched values as hp.* params."""
+    continues its history), else a new one with the trial's searched values as hp.* params, its phase
+    (tag tune.phase) and seed, and the model's size (model/params, model/gflops at the training crop)."""
     existing = find_trial_run(uri, p.mlflow.experiment, parent_run_id, trial_id)
     if existing is not None:
         reopen(uri, existing.info.run_id)
         return existing.info.run_id
     run_id = start_run(uri, p, family=family, model=model, options=options, stage="tune-trial",
                        run_name=f"{family}-{trial_id}", parent_run_id=parent_run_id,
-                       extra_tags={"trial_id": trial_id, "ray_experiment": ray_experiment,
+                       extra_tags={"trial_id": trial_id, "ray_experiment": ray_experiment, "tune.phase": phase,
                                    "train_split": splits["train_split"], "eval_split": splits["val_split"]})
-    client(uri).log_batch(run_id, params=[Param(f"hp.{k}", v) for k, v in hp.items()])
+    now = int(time.time() * 1000)
+    client(uri).log_batch(run_id, params=[Param(f"hp.{k}", v) for k, v in hp.items()] + [Param("tune.seed", str(seed))],
+                          metrics=[Metric(f"model/{k}", float(v), now, 0) for k, v in cost.items()])
     return run_id
 
 

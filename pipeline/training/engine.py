@@ -150,6 +150,36 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, opts: StepOptions, 
 
 
 @torch.no_grad()
+def recalibrate_bn(model, loader, opts: StepOptions, batches: int, average=None) -> int:
+    """Re-estimate every BatchNorm's running mean / var as the plain average over `batches` train
+    batches (momentum None: a cumulative average), in train mode with no gradient; `average` (a
+    tensor -> its mean over the ranks) makes every rank hold the same statistics. The caller gives
+    every rank the same `batches` (SyncBatchNorm all-gathers in each forward). Returns the batches used."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or batches <= 0:
+        return 0
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    used = 0
+    for images, targets in loader:
+        if used >= batches:
+            break
+        images, _ = _to_device(images, targets, opts)
+        with _autocast(opts):
+            model(images)
+        used += 1
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+        if average is not None:
+            m.running_mean.copy_(average(m.running_mean))
+            m.running_var.copy_(average(m.running_var))
+    return used
+
+
+@torch.no_grad()
 def evaluate(model, loader, opts: StepOptions, num_classes: int) -> torch.Tensor:
     """Confusion matrix (int64, on CPU) of `model` over `loader`; the caller all-reduces it
     (pipeline.dist.all_reduce moves it to the training device). Pass the unwrapped module

@@ -40,6 +40,7 @@ class WorkerSpec:
     warmup_epochs: float
     poly_power: float
     bn_momentum: float | None
+    bn_recalibrate: int
     aux_weight: float
     aux_lr_mult: float
     amp: Literal["auto", "bf16", "fp16", "off"]

@@ -49,6 +49,14 @@ def _restore(s: Setup, device: torch.device) -> tuple[int, dict]:
     return restore_state(s, state), dict(state.get("history") or {})
 
 
+def _recalibrate(s: Setup, spec: WorkerSpec, train_loader, world: int) -> None:
+    """train.bn_recalibrate: fresh BatchNorm statistics before an evaluation, the same on every rank."""
+    device = s.opts.device
+    batches = int(collective.all_reduce(torch.tensor([min(spec.bn_recalibrate, len(train_loader))]), device, "min")[0])
+    engine.recalibrate_bn(s.core, train_loader, s.opts, batches,
+                          average=lambda t: collective.all_reduce(t, device) / world)
+
+
 def _epoch_metrics(s: Setup, spec: WorkerSpec, epoch: int, stats: dict, val_loader) -> dict:
     """The reduced metrics of one epoch (every collective on the training device, at every world size)."""
     device = s.opts.device
@@ -86,6 +94,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[int, dict[str, float]] | Non
                                        any_rank=lambda flag: collective.any_rank(flag, device))
         except engine.NonFiniteLoss as exc:  # every rank stops at this step (the flag is all-reduced)
             raise RuntimeError(f"segpipe: {exc}") from None
+        if spec.bn_recalibrate and ((epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs):
+            _recalibrate(s, spec, train_loader, world)
         metrics = _epoch_metrics(s, spec, epoch, stats, val_loader)
         history[epoch + 1] = {k: v for k, v in metrics.items()
                               if k.startswith(("train/", "val/")) and isinstance(v, (int, float))}

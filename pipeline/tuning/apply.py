@@ -26,8 +26,9 @@ from pipeline.tuning.space import TRAIN_KEYS
 from seg_models import list_models, model_info
 
 
-def apply_best(params_path: str, p: Params, families: list[str]) -> list[str]:
-    """Merge the best configs into the params file at params_path; returns the changes made."""
+def apply_best(params_path: str, p: Params, families: list[str]) -> tuple[list[str], list[str]]:
+    """Merge the adopted configs into the params file at params_path; returns (the changes made, the
+    tunes' notes: which axes kept their configured value because nothing beat it beyond the seed spread)."""
     bests = {}
     for fam in families:
         path = out_dir(p, fam) / "best_config.json"
@@ -46,7 +47,7 @@ def apply_best(params_path: str, p: Params, families: list[str]) -> list[str]:
             raise UserError(f"{params_path} has no families.{fam} to apply the {fam} tune to (--apply)")
         changes += _merge_family(entry, fam, best, params_path)
     _write_valid(yml, doc, src)
-    return changes
+    return changes, [f"{fam}: {n}" for fam, best in bests.items() for n in best.get("notes", [])]
 
 
 def _flow(v):

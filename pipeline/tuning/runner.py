@@ -8,6 +8,7 @@ with tune.resume=true) or TuneFailed (exit 1) otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -20,6 +21,7 @@ import ray
 from ray import tune
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline import storage, system, tracking
@@ -33,7 +35,9 @@ from pipeline.tuning import results
 from pipeline.tuning.results import trial_number
 from pipeline.tuning.asha import ASHA_STOPS, asha_scheduler, mark_asha_stop, trial_histories
 from pipeline.display import show
+from pipeline.tuning.phases import ARCHITECTURE, OPTIMISER, PHASES, SEED_KEY, split
 from pipeline.tuning.space import METRIC, Space, decode, expected_trials, param_space, trial_params, trial_splits
+from seg_models.summary import model_cost
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,8 @@ def run_trial(config: dict, ctx: dict) -> None:
     space: Space = ctx["space"]
     values = decode(space, config)
     p = trial_params(ctx["params"], space, values)
+    if SEED_KEY in config:  # the architecture phase: each grid point once per seed
+        p = p.model_copy(update={"seed": int(config[SEED_KEY])})
     job = resolve_job(p, space.family)
     trial_id = tune.get_context().get_trial_id()
     splits = trial_splits(p)
@@ -65,7 +71,8 @@ def run_trial(config: dict, ctx: dict) -> None:
     job = job.with_(run_id=tune_runs.open_trial_run(
         job.tracking_uri, p, family=space.family, model=job.model, options=job.options,
         parent_run_id=ctx["parent_run_id"], trial_id=trial_id, ray_experiment=ctx["name"], splits=splits,
-        hp={k: show(v) for k, v in values.items()}))
+        hp={k: show(v) for k, v in values.items()}, phase=ctx["phase"], seed=p.seed,
+        cost=model_cost(job.model, p.train.crop_size, job.options)))
     try:
         fit(job, callbacks=[make_epoch_callback(job), TuneReportCallback()])
     except BaseException:
@@ -117,13 +124,24 @@ def _held(pg_hex: str):
         return None
 
 
-def release_groups_left(grid) -> int:
+def group_ids() -> set[str]:
+    """The ids of every placement group Ray knows now (any state)."""
+    from ray.util.placement_group import placement_group_table
+
+    return set(placement_group_table())
+
+
+def release_groups_left(grid, local_since: set[str] | None = None) -> int:
     """After Tuner.fit: release the placement group of every trial of the grid that Ray Train left
     behind (a trial stopped by Ctrl-C or a failure never reaches Progress's delayed release), once
     the trial actors Tune killed are gone; returns how many were released. In a `segpipe tune`
     process Ray would free them when the driver exits; a driver that goes on (train after tune in
-    one process, a test, a notebook) would otherwise find its CPUs held forever."""
+    one process, a test, a notebook) would otherwise find its CPUs held forever. A trial stopped
+    before its first epoch never reported its group: on a local Ray (nobody else's runs on it;
+    `local_since`: the ids that existed when the tune started) every group made since is the tune's."""
     groups = {r.metrics.get(PLACEMENT_GROUP_KEY) for r in grid if r.metrics} - {None}
+    if local_since is not None:
+        groups |= group_ids() - local_since
     if not any(_held(g) for g in groups):
         return 0
     time.sleep(RELEASE_AFTER_S)  # the killed trial actors and the Train controllers they own are gone by then
@@ -210,7 +228,7 @@ def _resume_target(p: Params, family: str, uri: str) -> tuple[str, str] | None:
     if run is None or run.info.status == "FINISHED":
         return None
     name = run.data.tags.get("ray_experiment", "")
-    if name and tune.Tuner.can_restore(f"{storage_root(p)}/{name}"):
+    if name and any(tune.Tuner.can_restore(f"{storage_root(p)}/{name}-{phase}") for phase in PHASES):
         return run.info.run_id, name
     return None
 
@@ -240,36 +258,52 @@ def _start(p: Params, space: Space, uri: str) -> tuple[str, str, bool]:
     name = f"tune-{family}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # unique per tune
     parent_run_id = tune_runs.start_tune(uri, p, family=family, model=space.model, options=space.options,
                                          ray_experiment=name)
-    log.info(f"[{family}] tune {name}: {len(space.searched)} searched entr{'y' if len(space.searched) == 1 else 'ies'} "
-             f"({', '.join(space.searched) or 'none'}), search {t.search_alg}, ASHA on {METRIC} "
-             f"(grace {t.grace_period}, factor {t.reduction_factor}, max {t.max_epochs} epochs), MLflow run {parent_run_id}")
+    phases = split(space)
+    said = []
+    if OPTIMISER in phases:
+        said.append(f"optimiser phase: {', '.join(phases[OPTIMISER].searched)} ({t.search_alg}, "
+                    f"{expected_trials(phases[OPTIMISER], t, OPTIMISER)} trials, ASHA grace {t.grace_period} factor "
+                    f"{t.reduction_factor})")
+    if ARCHITECTURE in phases:
+        said.append(f"architecture phase: {', '.join(phases[ARCHITECTURE].searched)} "
+                    f"({expected_trials(phases[ARCHITECTURE], t, ARCHITECTURE)} trials = grid x {t.seeds} seeds, "
+                    f"{t.max_epochs} epochs each)")
+    log.info(f"[{family}] tune {name}: {'; then '.join(said) or 'nothing searched'}; MLflow run {parent_run_id}")
     return parent_run_id, name, False
 
 
-def _tuner(p: Params, space: Space, trainable, uri: str, root: str, name: str, parent_run_id: str, resumed: bool):
+def _tuner(p: Params, space: Space, phase: str, trainable, uri: str, root: str, name: str, parent_run_id: str,
+           resumed: bool):
     t = p.tune
-    if resumed:
-        # the scheduler and callbacks come back as pickled when the tune started (the scheduler
-        # refills its rungs from the trials' MLflow histories before its first decision)
+    if resumed and tune.Tuner.can_restore(f"{root}/{name}"):
+        # the scheduler and callbacks come back as pickled when the phase started (ASHA refills its
+        # rungs from the trials' MLflow histories before its first decision)
         return tune.Tuner.restore(f"{root}/{name}", trainable=trainable, resume_unfinished=True, resume_errored=True)
-    mark = functools.partial(mark_asha_stop, uri, p.mlflow.experiment, parent_run_id)
-    history = functools.partial(trial_histories, uri, p.mlflow.experiment, parent_run_id)
+    if phase == OPTIMISER:
+        mark = functools.partial(mark_asha_stop, uri, p.mlflow.experiment, parent_run_id)
+        history = functools.partial(trial_histories, uri, p.mlflow.experiment, parent_run_id)
+        grid, samples, scheduler, search = param_space(space, t.search_alg), t.num_samples, \
+            asha_scheduler(t, mark, history), _search_alg(p)
+    else:  # every grid point x seed, trained to the end: FIFO, no early stop
+        grid = {**param_space(space, "random"), SEED_KEY: tune.grid_search([p.seed + k for k in range(t.seeds)])}
+        samples, scheduler = 1, FIFOScheduler()
+        search = BasicVariantGenerator(random_state=p.seed, max_concurrent=t.max_concurrent_trials)
     return tune.Tuner(
         trainable,
-        param_space=param_space(space, t.search_alg),
+        param_space=grid,
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", num_samples=t.num_samples,
-            max_concurrent_trials=t.max_concurrent_trials if t.search_alg != "random" else None,
-            scheduler=asha_scheduler(t, mark, history), search_alg=_search_alg(p), trial_dirname_creator=_trial_dirname),
+            metric=METRIC, mode="max", num_samples=samples,
+            max_concurrent_trials=t.max_concurrent_trials if phase == OPTIMISER and t.search_alg != "random" else None,
+            scheduler=scheduler, search_alg=search, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[Progress(space, t.max_epochs)]),
     )
 
 
-def _check_ended(p: Params, space: Space, rows: list[dict], uri: str, where: str) -> None:
+def _check_ended(p: Params, space: Space, phase: str, rows: list[dict], uri: str, where: str) -> None:
     """TuneInterrupted when a trial did not end (its run KILLED), TuneFailed when none reported."""
-    expected = expected_trials(space, p.tune)
+    expected = expected_trials(space, p.tune, phase)
     unfinished = [r for r in rows if r["status"] not in ("completed", "early_stopped", "error")]
     if unfinished or len(rows) < expected:
         for r in unfinished:  # RUNNING again when the tune resumes
@@ -279,11 +313,12 @@ def _check_ended(p: Params, space: Space, rows: list[dict], uri: str, where: str
                               f"trials ended: re-run with -S tune.resume=true to continue {where} (tune.resume)")
     if not [r for r in rows if r["status"] != "error" and r["val_mIoU"] is not None]:
         first = next((r["error"] for r in rows if r["error"]), "no trial reported val/mIoU")
-        raise TuneFailed(f"every trial of the {space.family} tune failed; first error: {first}")
+        raise TuneFailed(f"every trial of the {space.family} tune's {phase} phase failed; first error: {first}")
 
 
 def tune_family(p: Params, space: Space) -> dict:
-    """Run (or resume) the tune of one family; returns the summary written to metrics.json."""
+    """Run (or resume) the tune of one family, its optimiser phase then its architecture phase;
+    returns the summary written to metrics.json."""
     uri = tracking.resolve_tracking_uri(p.mlflow.tracking_uri)
     # trials run in other processes and directories: every path absolute
     trial_p = p.model_copy(update={
@@ -294,22 +329,39 @@ def tune_family(p: Params, space: Space) -> dict:
     system.ray_init(p.ray.address)  # on a local Ray also: no preemption watcher per trial
     check_resources(p)
     root = storage_root(p)
+    local_since = group_ids() if system.ray_is_local(p.ray.address) else None
     parent_run_id, name, resumed = _start(p, space, uri)
-    ctx = {"params": trial_p, "space": space, "parent_run_id": parent_run_id, "name": name,
-           "train_storage": f"{root}/{name}-train"}
     started = time.time()
+    phases, rows, fixed = split(space), {}, {}
     with tracking.ending_run(uri, parent_run_id, killed_by=(KeyboardInterrupt, TuneInterrupted)):
-        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": p.tune.trainable_cpus})
-        try:
-            grid = _tuner(p, space, trainable, uri, root, name, parent_run_id, resumed).fit()
-        except KeyboardInterrupt:  # SIGTERM (errors.Terminated) mid-step: Tune did not stop its trials
-            for run in tune_runs.trial_runs(uri, p.mlflow.experiment, parent_run_id).values():
-                tune_runs.kill_if_running(uri, run.info.run_id)
-            raise
-        release_groups_left(grid)
-        # the trials as saved: on Ctrl-C Tune saves the live trials as RUNNING and then stops them
-        # (TERMINATED in memory); the saved state is what a resume continues
-        trials = tune.ExperimentAnalysis(f"{root}/{name}", default_metric=METRIC, default_mode="max").trials
-        rows = results.rows(p, space, trials, uri, parent_run_id)
-        _check_ended(p, space, rows, uri, f"{root}/{name}")
-        return results.finish(p, space, rows, uri, parent_run_id, name, time.time() - started)
+        for phase, phase_space in phases.items():
+            if phase == ARCHITECTURE and fixed:  # the optimiser phase's best values, held fixed
+                phase_space = dataclasses.replace(phase_space, train={**phase_space.train, **fixed})
+                phases[phase] = phase_space
+            ctx = {"params": trial_p, "space": phase_space, "parent_run_id": parent_run_id, "phase": phase,
+                   "name": f"{name}-{phase}", "train_storage": f"{root}/{name}-train", "local_since": local_since}
+            rows[phase] = _run_phase(p, phase_space, phase, ctx, uri, root, resumed)
+            if phase == OPTIMISER:
+                fixed = results.best_train_values(rows[phase])
+                log.info(f"[{space.family}] optimiser phase done: "
+                         + ", ".join(f"{k}={show(v)}" for k, v in fixed.items()) + " held fixed from here on")
+        return results.finish(p, phases, rows, uri, parent_run_id, name, time.time() - started)
+
+
+def _run_phase(p: Params, space: Space, phase: str, ctx: dict, uri: str, root: str, resumed: bool) -> list[dict]:
+    """One phase as one Ray Tune run (new, or restored when the tune resumes); its trial rows."""
+    name = ctx["name"]
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": p.tune.trainable_cpus})
+    try:
+        grid = _tuner(p, space, phase, trainable, uri, root, name, ctx["parent_run_id"], resumed).fit()
+    except KeyboardInterrupt:  # SIGTERM (errors.Terminated) mid-step: Tune did not stop its trials
+        for run in tune_runs.trial_runs(uri, p.mlflow.experiment, ctx["parent_run_id"]).values():
+            tune_runs.kill_if_running(uri, run.info.run_id)
+        raise
+    release_groups_left(grid, ctx["local_since"])
+    # the trials as saved: on Ctrl-C Tune saves the live trials as RUNNING and then stops them
+    # (TERMINATED in memory); the saved state is what a resume continues
+    trials = tune.ExperimentAnalysis(f"{root}/{name}", default_metric=METRIC, default_mode="max").trials
+    rows = results.rows(p, space, phase, trials, uri, ctx["parent_run_id"])
+    _check_ended(p, space, phase, rows, uri, f"{root}/{name}")
+    return rows

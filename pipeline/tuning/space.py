@@ -302,12 +302,14 @@ def param_space(space: Space, search_alg: str) -> dict:
     return out
 
 
-def expected_trials(space: Space, t) -> int:
-    """How many trials the search makes: random crosses the grids num_samples times, optuna runs num_samples."""
-    if t.search_alg != "random":
-        return t.num_samples
+def expected_trials(space: Space, t, phase: str = "optimiser") -> int:
+    """How many trials a phase makes: the architecture phase runs its grid x tune.seeds; the optimiser
+    phase: random crosses its grids num_samples times, optuna runs num_samples."""
     grids = param_space(space, "random")
-    return t.num_samples * math.prod(len(v["grid_search"]) for v in grids.values() if isinstance(v, dict) and "grid_search" in v)
+    n = math.prod(len(v["grid_search"]) for v in grids.values() if isinstance(v, dict) and "grid_search" in v)
+    if phase == "architecture":
+        return n * t.seeds
+    return t.num_samples if t.search_alg != "random" else t.num_samples * n
 
 
 def trial_params(p: Params, space: Space, values: dict) -> Params:

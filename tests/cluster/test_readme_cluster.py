@@ -181,14 +181,14 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
                          ["segpipe", "train", "--family", "unet", *sets, "-S", "train.batch_size=-3"])
         tune = submit_job(ray_address, clone, tmp_path / "runtime_env.yaml", [
             "segpipe", "tune", *sets, "-S", "tune.families=[unet]", "-S", "tune.space.unet={upsample: {grid: [transposed]}}",
-            "-S", "tune.max_epochs=1", "-S", "tune.grace_period=1", "-S", "tune.num_workers=1",
+            "-S", "tune.max_epochs=1", "-S", "tune.grace_period=1", "-S", "tune.num_workers=1", "-S", "tune.seeds=1",
             "-S", "tune.cpus_per_worker=0.9", "-S", "tune.max_concurrent_trials=1"])
         bad_status, bad_logs = wait_job(ray_address, bad, timeout=120)
         assert bad_status == "FAILED"
         assert "error: bad params" in bad_logs and "train.batch_size" in bad_logs and "Traceback" not in bad_logs
         tune_status, tune_logs = wait_job(ray_address, tune)
         assert tune_status == "SUCCEEDED", tune_logs[-4000:]
-        assert "[unet] best:" in tune_logs, tune_logs[-3000:]
+        assert "[unet] adopted:" in tune_logs, tune_logs[-3000:]
         code, found = basic("/api/2.0/mlflow/runs/search", murl, {
             "experiment_ids": [exp["experiment"]["experiment_id"]], "filter": "tags.stage LIKE 'tune%'"})
         runs = found["runs"]

@@ -1,14 +1,18 @@
 """`segpipe tune` with a real Ray, a real sqlite MLflow store and tiny synthetic shards.
 
-One tune of three UNet trials (upsample: bilinear / transposed / unpool, 2 epochs, ASHA grace 1)
-is interrupted with SIGINT (Ctrl-C) once the store shows its first trial finished and resumed with tune.resume=true;
-the tests then check the resume, the MLflow parent/child structure, ASHA's early stop, the
-reports and `--apply`. The bad-space tests never start Ray."""
+One UNet tune in two phases: the optimiser phase (lr grid of 2, ASHA grace 1) and the architecture
+phase (upsample bilinear / transposed, the configured transposed included, x 2 seeds, never stopped),
+2 epochs per trial. It is interrupted with SIGINT (Ctrl-C) once the store shows its first trial
+finished and resumed with tune.resume=true; the tests then check the resume, the MLflow parent/child
+structure, ASHA's early stop in the optimiser phase only, the architecture phase at the optimiser
+phase's lr with every seed, the ablation table, the reports and `--apply`. The bad-space tests never
+start Ray."""
 
 import json
 import os
 import shutil
 import signal
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -24,15 +28,17 @@ from tests.support.training import tiny_overrides
 # module-scoped fixture is made once
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tune")]
 
-METHODS = ["bilinear", "transposed", "unpool"]
+METHODS = ["bilinear", "transposed"]
+LRS = [0.02, 0.1]
 
 
 def tune_overrides(data_dir: Path, work: Path) -> list[str]:
     return tiny_overrides(data_dir, work) + [
         "families.unet.model=unet", "families.unet.options={base_channels: 8, upsample: transposed}",
-        "train.lr=0.05", "tune.families=[unet]", f"tune.space.unet={{upsample: {{grid: [{', '.join(METHODS)}]}}}}",
-        "tune.max_epochs=2", "tune.grace_period=1", "tune.reduction_factor=2", "tune.num_workers=1",
-        "tune.cpus_per_worker=0.9", "tune.max_concurrent_trials=2",
+        "train.lr=0.05", "tune.families=[unet]",
+        f"tune.space.unet={{upsample: {{grid: [{', '.join(METHODS)}]}}, lr: {{grid: {LRS}}}}}",
+        "tune.max_epochs=2", "tune.grace_period=1", "tune.reduction_factor=2", "tune.num_workers=1", "tune.seeds=2",
+        "tune.num_samples=1", "tune.cpus_per_worker=0.9", "tune.max_concurrent_trials=2",
     ]
 
 
@@ -43,7 +49,8 @@ def _args(overrides: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def tuned(ray_local, synthetic_shards, tmp_path_factory):
     """Run the tune in this process (the session's Ray), Ctrl-C it (SIGINT to this process, caught
-    by Tune's handler) as soon as the store shows a first trial finished, resume it with
+    by Tune's handler) as soon as the store shows a first trial of the architecture phase finished
+    (the optimiser phase has ended: the resume must restore it, not run it again), resume it with
     tune.resume=true; return what the tests need."""
     from pipeline.tuning.runner import TuneInterrupted, tune_family
     from pipeline.tuning.space import resolve_space
@@ -56,8 +63,8 @@ def tuned(ray_local, synthetic_shards, tmp_path_factory):
     stop = threading.Event()
 
     def ctrl_c_after_first_trial():
-        """Watches the store from outside, as a user watches the UI: the first trial run FINISHED ->
-        SIGINT to this process (Python runs the handler, Tune's, in the main thread: Tuner.fit)."""
+        """Watches the store from outside, as a user watches the UI: the first architecture trial run
+        FINISHED -> SIGINT to this process (Python runs the handler, Tune's, in the main thread: Tuner.fit)."""
         from mlflow.tracking import MlflowClient
 
         c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
@@ -65,7 +72,7 @@ def tuned(ray_local, synthetic_shards, tmp_path_factory):
             exp = c.get_experiment_by_name("segpipe")
             done = [] if exp is None else c.search_runs(
                 [exp.experiment_id], "tags.stage = 'tune-trial' and attributes.status = 'FINISHED'")
-            if done:
+            if any(r.data.tags.get("tune.phase") == "architecture" for r in done):
                 state["ended_before"] = [r.data.tags["trial_id"] for r in done]
                 state["interrupted_at"] = time.time()
                 os.kill(os.getpid(), signal.SIGINT)
@@ -102,20 +109,26 @@ def _mlflow(work: Path):
     return c, [r for r in runs if r.data.tags.get("stage") == "tune"], [r for r in runs if r.data.tags.get("stage") == "tune-trial"]
 
 
+def _phase(runs, phase):
+    return [r for r in runs if r.data.tags.get("tune.phase") == phase]
+
+
 def test_interrupted_tune_resumes_without_rerunning_finished_trials(tuned):
     err = tuned["interrupted"]
     assert err.exit_code == 130 and "tune of unet interrupted" in str(err) and "tune.resume=true" in str(err)
-    assert tuned["summary"]["trials"] == 3
+    assert tuned["summary"]["trials"] == 6
     c, parents, children = _mlflow(tuned["work"])
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the resume continued the same parent run
-    assert len(children) == 3, [r.data.tags for r in children]  # one per trial, none created twice
+    assert len(children) == 6, [r.data.tags for r in children]  # one per trial, none created twice
+    assert (len(_phase(children, "optimiser")), len(_phase(children, "architecture"))) == (2, 4)
     before = [r for r in children if r.data.tags["trial_id"] in tuned["ended_before"]]
-    assert before, "no trial had ended before the interruption"
-    assert len(before) < 3, "every trial had ended: nothing was left to resume"
-    for r in before:  # a trial that ended before Ctrl-C was not run again: nothing of it after the resume
+    assert len(_phase(before, "optimiser")) == 2, "the optimiser phase had not ended before the interruption"
+    assert _phase(before, "architecture"), "no architecture trial had ended before the interruption"
+    assert len(before) < 6, "every trial had ended: nothing was left to resume"
+    for r in before:  # a trial that ended before Ctrl-C trained no epoch after the resume (one whose end
+        # Tune had not yet processed when Ctrl-C came is restored at its final checkpoint: it trains nothing)
         hist = c.get_metric_history(r.info.run_id, "val/mIoU")
         assert hist and all(m.timestamp / 1000 < tuned["resumed_at"] for m in hist), r.data.tags
-        assert r.info.end_time / 1000 < tuned["resumed_at"], "an ended trial was started again"  # its run untouched
     for r in children:  # resumed trials continue their history: every epoch exactly once
         steps = [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")]
         assert steps == list(range(1, len(steps) + 1)) and steps, (r.data.tags, steps)
@@ -130,55 +143,79 @@ def test_mlflow_parent_child_runs_and_asha_early_stop(tuned):
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert (tags["stage"], tags["family"], tags["model"]) == ("tune-trial", "unet", "unet")
         assert r.info.status == "FINISHED"
-        assert params["hp.upsample"] == params["model_options.upsample"] and params["hp.upsample"] in METHODS
         assert params["train.epochs"] == "2" and params["model_options.base_channels"] == "8"
         assert tags["early_stopped"] == str(tags["tune.status"] == "early_stopped").lower()
-    assert sorted(r.data.params["hp.upsample"] for r in children) == sorted(METHODS)
+        assert r.data.metrics["model/params"] > 0 and r.data.metrics["model/gflops"] > 0
+    opt, arch = _phase(children, "optimiser"), _phase(children, "architecture")
+    # the optimiser phase: the lr grid on the configured architecture (transposed), one seed
+    assert sorted(float(r.data.params["hp.lr"]) for r in opt) == LRS
+    assert {r.data.params["model_options.upsample"] for r in opt} == {"transposed"}
+    assert {r.data.params["tune.seed"] for r in opt} == {"0"}
     # ASHA's rule replayed in the order the trials reached the first rung (grace 1, factor 2): a
     # trial stops there when its val mIoU is below the median of the values recorded before it.
-    # Whether any trial stops depends on that order (the trials run concurrently); what each
-    # decision must be, given the order, does not. Two arrivals within 2 s may have reached the
-    # scheduler in either order: those decisions are not judged.
+    # Two arrivals within 2 s may have reached the scheduler in either order: not judged.
     import numpy as np
 
     arrivals = sorted(((next(m for m in c.get_metric_history(r.info.run_id, "val/mIoU") if m.step == 1), r)
-                       for r in children), key=lambda a: a[0].timestamp)
+                       for r in opt), key=lambda a: a[0].timestamp)
     seen: list[float] = []
     for i, (m, r) in enumerate(arrivals):
         cutoff = float(np.nanpercentile(seen, 50)) if seen else None
         expect = "early_stopped" if cutoff is not None and m.value < cutoff else "completed"
         close = any(abs(m.timestamp - o.timestamp) < 2000 for j, (o, _) in enumerate(arrivals) if j != i)
         if not close:
-            assert r.data.tags["tune.status"] == expect, (r.data.params["hp.upsample"], m.value, seen)
+            assert r.data.tags["tune.status"] == expect, (r.data.params["hp.lr"], m.value, seen)
         seen.append(m.value)
-    stopped = [r for r in children if r.data.tags["tune.status"] == "early_stopped"]
-    for r in stopped:  # stopped at the first rung (an epoch in flight then may still have been logged)
+    for r in [r for r in opt if r.data.tags["tune.status"] == "early_stopped"]:
         assert r.data.tags["tune.asha_stopped_at"] == "1"
-        assert c.get_metric_history(r.info.run_id, "val/mIoU")[0].step == 1
-    done = [r for r in children if r.data.tags["tune.status"] == "completed"]
-    assert done and all("tune.asha_stopped_at" not in r.data.tags for r in done)
-    assert all([m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")] == [1, 2] for r in done)
-    # the parent: best config, every trial in a CSV, the plots
-    best = max(done, key=lambda r: r.data.metrics["val/mIoU"])
-    assert parent.data.metrics["best/val_mIoU"] == pytest.approx(best.data.metrics["val/mIoU"])
-    assert parent.data.params["best.upsample"] == best.data.params["hp.upsample"]
-    assert parent.data.tags["best_run_id"] == best.info.run_id
+    # the architecture phase: every method x seed, at the optimiser phase's best lr, never stopped
+    done_opt = [r for r in opt if r.data.tags["tune.status"] == "completed"]
+    best_lr = max(done_opt, key=lambda r: r.data.metrics["val/mIoU"]).data.params["hp.lr"]
+    assert sorted((r.data.params["hp.upsample"], r.data.params["tune.seed"]) for r in arch) == [
+        (m, s) for m in sorted(METHODS) for s in ("0", "1")]
+    assert {float(r.data.params["train.lr"]) for r in arch} == {float(best_lr)}
+    for r in arch:
+        assert r.data.tags["tune.status"] == "completed" and "tune.asha_stopped_at" not in r.data.tags
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")] == [1, 2]
+    # the parent: the adopted point's mean over the seeds, the ablation table, every trial in a CSV, the plots
+    table = json.loads(parent.data.tags["ablation"])
+    means = {m: statistics.fmean(r.data.metrics["val/mIoU"] for r in arch if r.data.params["hp.upsample"] == m)
+             for m in METHODS}
+    rows = {r["value"]: r for r in table["axes"]["upsample"]}
+    assert rows["transposed"]["configured"] and rows["bilinear"]["mean"] == pytest.approx(means["bilinear"])
+    assert rows["bilinear"]["delta"] == pytest.approx(means["bilinear"] - means["transposed"])
+    chosen = table["chosen"]["upsample"]
+    assert chosen == ("bilinear" if rows["bilinear"]["verdict"] == "better beyond the seed spread" else "transposed")
+    assert parent.data.metrics["best/val_mIoU"] == pytest.approx(means[chosen])
+    assert parent.data.params["best.lr"] == best_lr
+    assert ("best.upsample" in parent.data.params) == (chosen != "transposed")
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"trials.csv", "best_params.yaml", "best_config.json", "metrics.json", "plots"} <= arts, arts
+    assert {"trials.csv", "best_params.yaml", "best_config.json", "metrics.json", "ablation.json", "ablation.md",
+            "plots"} <= arts, arts
     plots = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/miou_vs_upsample.png", "plots/miou_by_upsample.png"} <= plots, plots
+    assert {"plots/miou_vs_upsample.png", "plots/miou_by_upsample.png", "plots/miou_vs_lr.png",
+            "plots/ablation.png"} <= plots, plots
     csv_path = c.download_artifacts(parent.info.run_id, "trials.csv", str(tuned["work"] / "dl"))
     lines = Path(csv_path).read_text().splitlines()
-    assert lines[0].startswith("trial,trial_id,status,epochs,stopped_at,val_mIoU") and len(lines) == 4
+    assert lines[0].startswith("phase,seed,trial,trial_id,status,epochs,stopped_at,val_mIoU") and len(lines) == 7
 
 
 def test_reports_best_params_and_apply(tuned):
     work = tuned["work"]
     out = work / "reports" / "tune" / "unet"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert (metrics["trials"], metrics["completed"] + metrics["early_stopped"], metrics["errored"]) == (3, 3, 0)
+    assert (metrics["trials"], metrics["completed"] + metrics["early_stopped"], metrics["errored"]) == (6, 6, 0)
     best = json.loads((out / "best_config.json").read_text())
     assert metrics["best_val_mIoU"] == pytest.approx(best["val_mIoU"])
+    assert metrics["best_val_mIoU_std"] == pytest.approx(best["val_mIoU_std"]) and best["val_mIoU_std"] >= 0
+    # what --apply takes: the optimiser phase's lr, and upsample only when it beat transposed beyond the spread
+    assert best["values"]["lr"] in LRS and best["train"]["lr"] == best["values"]["lr"]
+    adopted = best["options"]["upsample"] != "transposed"
+    assert ("upsample" in best["values"]) == adopted
+    assert any(n.startswith("upsample: ") for n in best["notes"]), best["notes"]
+    table = json.loads((out / "ablation.json").read_text())
+    assert [r["value"] for r in table["axes"]["upsample"]] == ["bilinear", "transposed"]
+    assert "| transposed (configured) | 2 |" in (out / "ablation.md").read_text()
     # the DVC metric holds numbers only (one `dvc exp show` column each); names and ids are in best_config
     assert all(isinstance(v, (int, float)) for v in metrics.values()) and "best_epochs" in metrics, metrics
     assert best["ray_experiment"].startswith("tune-unet-") and len(best["mlflow_parent_run_id"]) == 32
@@ -205,9 +242,10 @@ def test_reports_best_params_and_apply(tuned):
 
 
 def test_apply_then_train_trains_the_tuned_config(tuned):
-    """--apply changes only the searched entry (upsample) of the family, keeps the rest (its options, its
-    own train block, the shared train block, the other families); `segpipe train` then trains exactly
-    that, at the trials' global batch (trials: 1 worker x 8, training: 2 workers x 4)."""
+    """--apply changes only what the tune adopted (the optimiser phase's lr, into the family's own train
+    block; upsample only when it beat the configured value beyond the seed spread, else a note says it
+    was kept), keeps the rest (its options, the shared train block, the other families); `segpipe
+    train` then trains exactly that, at the trials' global batch (trials: 1 worker x 8, training: 2 workers x 4)."""
     import yaml
 
     from mlflow.tracking import MlflowClient
@@ -217,27 +255,33 @@ def test_apply_then_train_trains_the_tuned_config(tuned):
 
     work = tuned["work"]
     best = json.loads((work / "reports" / "tune" / "unet" / "best_config.json").read_text())
+    adopted = "upsample" in best["values"]
+    start = "transposed" if best["options"]["upsample"] != "transposed" else "bilinear"
     raw = apply_overrides(read_yaml(ROOT / "params.yaml"), tuned["overrides"] + [
-        "families.unet.options={base_channels: 8, upsample: other}", "families.unet.train={lr: 0.03}"])
-    raw["families"]["unet"]["options"]["upsample"] = "transposed" if best["options"]["upsample"] != "transposed" else "bilinear"
+        f"families.unet.options={{base_channels: 8, upsample: {start}}}", "families.unet.train={lr: 0.03}"])
     target = work / "apply2" / "params.yaml"
     target.parent.mkdir()
     target.write_text(yaml.safe_dump(raw, sort_keys=False))
     before = load_params(target)
     proc = run_cli("tune", "--apply", "--family", "unet", "-p", str(target), cwd=target.parent)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("->") == 1 and "families.unet.options.upsample:" in proc.stdout, proc.stdout
+    assert f"families.unet.train.lr: 0.03 -> {best['values']['lr']}" in proc.stdout, proc.stdout
+    assert ("families.unet.options.upsample:" in proc.stdout) == adopted, proc.stdout
+    assert proc.stdout.count("->") == 1 + adopted, proc.stdout
+    if not adopted:
+        assert "unet: upsample: no value beats the configured transposed beyond the seed spread" in proc.stdout
     applied = load_params(target)
-    assert applied.families["unet"].options == {"base_channels": 8, "upsample": best["options"]["upsample"]}
-    assert applied.families["unet"].train == {"lr": 0.03} and applied.train == before.train
+    upsample = best["options"]["upsample"] if adopted else start
+    assert applied.families["unet"].options == {"base_channels": 8, "upsample": upsample}
+    assert applied.families["unet"].train == {"lr": best["values"]["lr"]} and applied.train == before.train
     assert {f: v for f, v in applied.families.items() if f != "unet"} == {f: v for f, v in before.families.items() if f != "unet"}
 
     summary = train(applied, "unet", progress=False)
     c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     params = c.get_run(summary["mlflow_run_id"]).data.params
-    assert params["model"] == "unet" and params["model_options.upsample"] == best["options"]["upsample"]
+    assert params["model"] == "unet" and params["model_options.upsample"] == upsample
     assert params["model_options.base_channels"] == "8"
-    assert params["train.lr"] == "0.03"  # the family's own train block, merged over the shared one
+    assert float(params["train.lr"]) == best["values"]["lr"]  # the family's own train block, merged over the shared one
     trial = c.get_run(best["mlflow_run_id"]).data.params
     assert int(trial["ray.num_workers"]) * int(trial["train.batch_size"]) == 8
     assert int(params["ray.num_workers"]) * int(params["train.batch_size"]) == 8
@@ -330,7 +374,7 @@ def test_space_schema_and_joint_aspp_rates(tmp_path, synthetic_shards):
     # FCN variants map to the registry names; optuna turns grids into choices
     p = load_params(ROOT / "params.yaml", ["families.fcn.options={upsample: transposed}"])
     fcn = resolve_space(p, "fcn")
-    assert apply_values(fcn, decode(fcn, {"variant": "16s", "upsample": "unpool", "lr": 0.01, "weight_decay": 0.0}))[0] == "fcn16s_vgg16"
+    assert apply_values(fcn, decode(fcn, {"variant": "16s", "upsample": "bilinear", "lr": 0.01, "weight_decay": 0.0}))[0] == "fcn16s_vgg16"
     from ray.tune.search.sample import Categorical
 
     assert param_space(fcn, "random")["variant"] == {"grid_search": ["32s", "16s", "8s"]}

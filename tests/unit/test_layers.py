@@ -22,7 +22,7 @@ ALLOWED = {
 # pipeline's import order, lowest first: a module may import from its own unit and from units of a
 # lower rank only (units of one rank are peers that import none of each other). cli reaches the
 # stages by name (importlib), not by an import statement.
-ORDER = [("errors",), ("storage",), ("config",), ("display", "profiles", "system", "params_doc"), ("data",),
+ORDER = [("errors",), ("storage",), ("config",), ("display", "profiles", "system", "params_doc", "stats"), ("data",),
          ("figures",), ("tracking",), ("training",), ("tuning",), ("reporting",), ("stages",), ("cli",)]
 RANK = {unit: i for i, units in enumerate(ORDER) for unit in units}
 MAX_MODULE_LINES = 400
