@@ -132,13 +132,16 @@ class OwnRay:
     a `segpipe` child join it as a quickstart stage joins the quickstart's Ray; stopped by PID."""
 
     def __init__(self, tmp: Path):
+        import tempfile
+
+        self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = tmp / "ray-head.log"
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", "--num-cpus=2",
              "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
-             f"--temp-dir={tmp / 'ray'}"],
+             f"--temp-dir={self.temp_dir}"],
             env=tool_env(), stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.env = {"RAY_ADDRESS": self.address, "SEGPIPE_SHARED_RAY": self.address, "RAY_AUTH_MODE": "token",
                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
@@ -150,4 +153,7 @@ class OwnRay:
             time.sleep(0.5)
 
     def stop(self) -> None:
+        import shutil
+
         stop_tree(self.proc)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
