@@ -117,3 +117,22 @@ def test_a_grid_with_two_points_that_are_the_same_computation_is_refused():
         "families.deeplabv3.model=deeplabv3_mobilenet_v3_large", "families.deeplabv3.options={aux_loss: true, atrous_rates: [1, 2, 3]}",
         "tune.space.deeplabv3={atrous_rates: {grid: [[1, 2, 3], [1, 1, 1], [2, 3, 5]]}}"])
     check_distinct(split(ok)[ARCHITECTURE], 96)
+
+
+def test_the_quickstart_grids_hold_no_two_identical_computations():
+    """The quickstart's DeepLabV3 rates fit its 6 x 6 feature map (its old grid did not: (6, 12, 18)
+    and (12, 24, 36) were both 1 x 1 convs), and every point runs tune.seeds seeds."""
+    from pipeline.config import family_params
+    from pipeline.profiles import profile_overrides
+
+    p = load_params(ROOT / "params.yaml", profile_overrides("quickstart"))
+    assert p.tune.seeds == 2
+    for family in p.tune.families:
+        arch = split(resolve_space(p, family))[ARCHITECTURE]
+        check_distinct(arch, family_params(p, family).train.crop_size)
+        assert expected_trials(arch, p.tune, ARCHITECTURE) == 2 * len(points(arch))
+    with pytest.raises(UserError, match="same computation"):
+        old = load_params(ROOT / "params.yaml", profile_overrides("quickstart") + [
+            "families.deeplabv3.options={aux_loss: true}",
+            "tune.space.deeplabv3={atrous_rates: {grid: [[6, 12, 18], [12, 24, 36], [3, 6, 9], [1, 6, 12]]}}"])
+        check_distinct(split(resolve_space(old, "deeplabv3"))[ARCHITECTURE], 96)
