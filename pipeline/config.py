@@ -169,15 +169,16 @@ class SyntheticParams(_Strict):
     val_count: int = Field(ge=1, description="number of generated val scenes")
     size: int = Field(ge=32, le=2048, description="side of the square generated images")
     seed: int = Field(ge=0, le=MAX_SEED, description="generation seed (same seed, same bytes)")
-    max_objects: int = Field(ge=1, le=10, description="objects per scene")
-    classes: list[int] = Field(description="VOC class ids the scenes draw from; in `scenes` the i-th id gets "
-                               "the i-th look of the generator's table (ids 1-4: shape, texture and context decide)")
+    max_objects: int = Field(ge=1, le=10, description="objects per scene: scenes: from half of it (rounded "
+                             "up) to it; context: from 2 (1 when it is 1) to it, one per class, fewer where no more fit")
+    classes: list[int] = Field(description="distinct VOC class ids the scenes draw from; in `scenes` the i-th "
+                               "id gets row i of pipeline.data.synthetic.CLASS_TABLE (see docs/data.md)")
     kind: Literal["scenes", "context"] = Field(
-        description="scenes: a class is a (shape, texture) pair, or where it sits, never a colour (the "
-        "quickstart task) | context: a known-answer field-of-view test: identical discs whose class only "
-        "a ring at context_distance px around each one tells (2+ classes per image, rings labelled background)")
+        description="scenes: shape, texture or surroundings decide the class, never colour (the quickstart's "
+        "task) | context: a known-answer field-of-view test: identical discs whose class only a ring "
+        "context_distance px around each one tells (2+ classes per image, rings labelled background)")
     context_distance: int = Field(ge=1, description="context: radius (px) of the class ring around each "
-                                  "object's centre; from size / 20 + 4 (ring outside the disc) to size / 3 "
+                                  "object's centre; from size / 12 + 4 (ring outside the disc) to size / 3 "
                                   "(two ringed objects fit); at output stride 8 an ASPP rate r reaches 8 r px")
 
     @field_validator("classes")
@@ -194,8 +195,8 @@ class SyntheticParams(_Strict):
 
     @model_validator(mode="after")
     def _context_fits(self) -> "SyntheticParams":
-        # pipeline.data.synthetic: discs of radius max(3, size / 20), a 3 px ring, centres 2 d + 4 px apart
-        lo, hi = max(3.0, self.size / 20) + 4, self.size / 3
+        # pipeline.data.synthetic: discs of radius max(3, size / 12), a 3 px ring, centres 2 d + 4 px apart
+        lo, hi = max(3.0, self.size / 12) + 4, self.size / 3
         if self.kind == "context" and not lo <= self.context_distance <= hi:
             raise ValueError(f"context_distance ({self.context_distance}) must be in {lo:g}..{hi:g} at "
                              f"size {self.size} (the ring outside the object, two ringed objects in the image)")

@@ -3,15 +3,18 @@
 Two kinds (``data.synthetic.kind``), both with VOC class ids from ``data.synthetic.classes``, a void
 (255) band along every object boundary and the same bytes for the same seed:
 
-``scenes`` (the default): a class is a (shape, texture) pair, never a colour. Every object's two
-colours are drawn from one distribution shared by all classes, so colour alone says nothing about
-the class. The i-th entry of ``classes`` gets row i of :data:`CLASS_TABLE`: the first four are an
-ellipse with stripes, a box with stripes (shape decides), an ellipse with a checkerboard (texture
-decides) and again an ellipse with stripes that sits in the lake (context decides: row 0's objects
-never do). Every scene has a lake (an elliptic background region with its own wavy texture) and
-background clutter: wobbly blobs painted with the class textures, so texture alone does not decide
-either. Objects are rotated, their aspect ratio varies (some are thin), their size varies (some are
-small) and later objects occlude earlier ones.
+``scenes`` (the default, the quickstart's task): a class is a (shape, texture) pair, or where the
+object sits, never a colour. Every object is painted in one colour drawn from a distribution all
+classes share plus a brightness step of the same colour, laid out by its texture (vertical or
+horizontal stripes, checkerboard, dots or plain, fixed to the image axes, period 7-12 px), so
+colour alone says nothing about the class. The i-th entry of ``classes`` gets row i of
+:data:`CLASS_TABLE`; with the default four: an ellipse with vertical stripes, a box with a
+checkerboard, a triangle with horizontal stripes, and the first one's twin: the same ellipse with
+the same stripes, which sits in the lake (an elliptic background region with faint waves) while the
+first one never does, so only the surroundings tell those two apart. Rows 4 and 5 differ from row 0
+by shape only and by texture only. Each scene holds half of ``max_objects`` up to ``max_objects``
+objects, rotated, of varying aspect (some thin) and size (one in five small); later ones occlude
+earlier ones.
 
 ``context``: a known-answer test of the field of view. All objects look alike (a disc of one
 radius, colours from one shared distribution, the same texture); an object's class is given only
@@ -38,21 +41,21 @@ from tqdm import tqdm
 from pipeline.config import SyntheticParams
 from pipeline.data.palette import save_mask_png
 
-SHAPES = ("ellipse", "box", "triangle", "bar", "annulus", "cross")
-TEXTURES = ("stripes", "checker", "dots", "plain")
 # row i = the look of the i-th class of data.synthetic.classes: (shape, texture, where it sits:
-# "any", "out" of the lake or "in" it). Rows 0 and 3 differ only by where they sit.
+# "any", "out" of the lake or "in" it). Rows 0 and 3 look alike and differ only by where they sit;
+# rows 4 and 5 differ from row 0 only by shape (4) or texture (5); beyond, every pair is new.
 CLASS_TABLE = (
-    ("ellipse", "checker", "out"), ("box", "stripes", "any"), ("ellipse", "stripes", "any"),
-    ("ellipse", "checker", "in"), ("bar", "plain", "any"), ("triangle", "dots", "any"),
-    ("annulus", "checker", "any"), ("cross", "dots", "any"), ("box", "dots", "any"),
-    ("triangle", "plain", "any"), ("annulus", "stripes", "any"), ("cross", "checker", "any"),
-    ("bar", "stripes", "any"), ("box", "checker", "any"), ("ellipse", "dots", "any"),
-    ("triangle", "checker", "any"), ("annulus", "dots", "any"), ("cross", "plain", "any"),
-    ("bar", "dots", "any"), ("triangle", "stripes", "any"),
+    ("ellipse", "vstripes", "out"), ("box", "checker", "any"), ("triangle", "hstripes", "any"),
+    ("ellipse", "vstripes", "in"), ("box", "vstripes", "any"), ("ellipse", "checker", "any"),
+    ("bar", "hstripes", "any"), ("annulus", "dots", "any"), ("cross", "plain", "any"),
+    ("triangle", "dots", "any"), ("box", "dots", "any"), ("ellipse", "plain", "any"),
+    ("bar", "checker", "any"), ("annulus", "vstripes", "any"), ("cross", "hstripes", "any"),
+    ("triangle", "checker", "any"), ("box", "hstripes", "any"), ("annulus", "plain", "any"),
+    ("cross", "dots", "any"), ("bar", "vstripes", "any"),
 )
-CLUTTER = 0  # at most this many background blobs per scene
-RING_WIDTH = 3  # px, the context ring
+TEXTURE_CONTRAST = (100.0, 160.0)  # RGB distance between an object's two colours (a brightness step)
+LAKE_CONTRAST = (30.0, 50.0)       # the lake's waves: faint
+RING_WIDTH = 3                     # px, the context ring
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,41 +84,40 @@ def _shape(kind: str, u: np.ndarray, v: np.ndarray, h: float, w: float) -> np.nd
     if kind == "annulus":
         return (r <= 1.0) & (r >= 0.3)
     if kind == "cross":
-        return (((np.abs(u) <= w / 2) & (np.abs(v) <= h / 6)) | ((np.abs(u) <= w / 6) & (np.abs(v) <= h / 2)))
+        return ((np.abs(u) <= w / 2) & (np.abs(v) <= h / 6)) | ((np.abs(u) <= w / 6) & (np.abs(v) <= h / 2))
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def _texture(kind: str, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarray:
-    """The weight of an object's second colour per pixel (0..1), in the object's own frame."""
-    if kind == "stripes":
-        return (np.sin(2 * np.pi * u / period) > 0).astype(np.float32)
+def _texture(kind: str, size: int, period: float, rng: np.random.Generator) -> np.ndarray:
+    """Per pixel, the weight (0..1) of an object's second colour: a pattern fixed to the image axes
+    (its orientation is part of the texture), at a random phase."""
+    yy, xx = _grid(size)
+    y, x = yy + rng.uniform(0, period), xx + rng.uniform(0, period)
+    if kind == "vstripes":
+        return (np.sin(2 * np.pi * x / period) > 0).astype(np.float32)
+    if kind == "hstripes":
+        return (np.sin(2 * np.pi * y / period) > 0).astype(np.float32)
     if kind == "checker":
-        return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+        return ((np.floor(x / period) + np.floor(y / period)) % 2).astype(np.float32)
     if kind == "dots":
-        du = u / period - np.round(u / period)
-        dv = v / period - np.round(v / period)
-        return (du * du + dv * dv <= 0.09).astype(np.float32)
+        dx, dy = x / period - np.round(x / period), y / period - np.round(y / period)
+        return (dx * dx + dy * dy <= 0.09).astype(np.float32)
     if kind == "plain":
-        return np.zeros_like(u)
+        return np.zeros_like(x)
     if kind == "waves":  # the lake's own texture
-        return (np.sin(2 * np.pi * (v + 1.5 * np.sin(u / 3.0)) / period) > 0.3).astype(np.float32)
+        return (np.sin(2 * np.pi * (y + 1.5 * np.sin(x / 3.0)) / period) > 0.3).astype(np.float32)
     raise ValueError(f"unknown texture {kind!r}")
 
 
-def _colours(rng: np.random.Generator, contrast: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Two colours of one object, from the distribution every class shares: any colour, and a
-    second one at a random direction from it, `contrast` RGB units away."""
-    c1 = rng.uniform(30, 225, size=3)
-    d = rng.normal(size=3)
-    c2 = np.clip(c1 + d / np.linalg.norm(d) * rng.uniform(*contrast), 0, 255)
-    return c1, c2
-
-
 def _paint(img: np.ndarray, region: np.ndarray, texture: np.ndarray, rng: np.random.Generator,
-           contrast: tuple[float, float] = (60, 120), noise: float = 10.0) -> None:
-    c1, c2 = _colours(rng, contrast)
+           contrast: tuple[float, float] = TEXTURE_CONTRAST) -> None:
+    """Paint `region` in two colours mixed by `texture`, from the distribution every class shares:
+    any colour, and the same one a brightness step of `contrast` RGB units lighter or darker
+    (towards mid-grey, so the step is never clipped away), plus grain."""
+    c1 = rng.uniform(30, 225, size=3)
+    step = rng.uniform(*contrast) / np.sqrt(3) * (1.0 if c1.mean() < 127.5 else -1.0)
     t = texture[region][:, None]
-    img[region] = c1 * (1 - t) + c2 * t + rng.normal(0, noise, size=(int(region.sum()), 3))
+    img[region] = c1 + step * t + rng.normal(0, 8, size=(int(region.sum()), 3))
 
 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -156,31 +158,18 @@ def _lake(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.sqrt((u / a) ** 2 + (v / b) ** 2)
 
 
-def _clutter(img: np.ndarray, size: int, rng: np.random.Generator) -> None:
-    """Background blobs (wobbly outlines, no class shape) painted with the class textures."""
-    for _ in range(int(rng.integers(0, CLUTTER + 1))):
-        cy, cx = rng.uniform(0, size, size=2)
-        u, v = _frame(size, cy, cx, rng.uniform(0, np.pi))
-        a, b = rng.uniform(0.06, 0.14, size=2) * size
-        theta = np.arctan2(v / b, u / a)
-        wobble = 1 + 0.35 * np.sin(int(rng.integers(3, 6)) * theta + rng.uniform(0, 2 * np.pi))
-        blob = np.sqrt((u / a) ** 2 + (v / b) ** 2) <= wobble
-        tex = TEXTURES[int(rng.integers(len(TEXTURES)))]
-        _paint(img, blob, _texture(tex, u, v, rng.uniform(4, 7)), rng)
-
-
 def _object(size: int, shape: str, centre: tuple[float, float], rng: np.random.Generator,
-            scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mask, u, v) of one object: rotated, 0.3-0.6 x size long (one in four small: 0.1-0.25;
-    bars 0.4-0.75 long and 6-10 % of size wide), aspect 0.4-1."""
+            scale: float) -> np.ndarray:
+    """One object's pixels: rotated, 0.5-0.9 x size long (one in five small: 0.15-0.3), aspect
+    0.4-1; bars 0.4-0.75 long and 6-10 % of size wide."""
     u, v = _frame(size, *centre, rng.uniform(0, np.pi))
     if shape == "bar":
         h = rng.uniform(0.4, 0.75) * size * scale
         w = max(4.0, rng.uniform(0.06, 0.1) * size)
     else:
-        h = (rng.uniform(0.1, 0.25) if rng.random() < 0.25 else rng.uniform(0.3, 0.6)) * size * scale
+        h = (rng.uniform(0.15, 0.3) if rng.random() < 0.2 else rng.uniform(0.5, 0.9)) * size * scale
         w = h * rng.uniform(0.4, 1.0)
-    return _shape(shape, u, v, h, w), u, v
+    return _shape(shape, u, v, h, w)
 
 
 def _scenes(p: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -188,24 +177,20 @@ def _scenes(p: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, n
     size = p.size
     img = _background(size, rng)
     rho = _lake(size, rng)
-    lake = rho <= 1.0
-    u, v = _frame(size, 0.0, 0.0, rng.uniform(-0.3, 0.3))
-    _paint(img, lake, _texture("waves", u, v, rng.uniform(5, 8)), rng, contrast=(30, 50))
-    _clutter(img, size, rng)
+    _paint(img, rho <= 1.0, _texture("waves", size, rng.uniform(5, 8), rng), rng, LAKE_CONTRAST)
+    where = {"in": rho <= 0.5, "out": rho >= 1.2, "any": np.ones_like(rho, bool)}
     mask = np.zeros((size, size), np.uint8)
     void = np.zeros((size, size), bool)
-    where = {"in": rho <= 0.5, "out": rho >= 1.2, "any": np.ones_like(lake)}
-    for _ in range(int(rng.integers(1, p.max_objects + 1))):
+    for _ in range(int(rng.integers((p.max_objects + 1) // 2, p.max_objects + 1))):
         k = int(rng.integers(len(p.classes)))
         shape, tex, place = CLASS_TABLE[k % len(CLASS_TABLE)]
         centre = _pick(rng, where[place])
         if centre is None:
             continue
-        scale = 0.7 if place == "in" else 1.0  # an object in the lake stays inside it
-        obj, ou, ov = _object(size, shape, centre, rng, scale)
+        obj = _object(size, shape, centre, rng, 0.7 if place == "in" else 1.0)  # in the lake: inside it
         if not obj.any():
             continue
-        _paint(img, obj, _texture(tex, ou, ov, rng.uniform(4, 7)), rng)
+        _paint(img, obj, _texture(tex, size, rng.uniform(7, 12), rng), rng)
         mask[obj] = p.classes[k]
         void &= ~obj
         void |= _boundary(obj, max(1, size // 64))
@@ -252,7 +237,8 @@ def _context_margin(p: SyntheticParams) -> int:
 
 
 def _disc_radius(size: int) -> float:
-    return max(3.0, size / 20)
+    """Discs of ~3% of a 128 px image each: small enough for a far ring, large enough to be learnt."""
+    return max(3.0, size / 12)
 
 
 def _context(p: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
