@@ -80,6 +80,8 @@ def _verdict(s: dict, ref: dict | None, is_ref: bool) -> dict:
     if s["mean"] is None or ref is None or ref["mean"] is None:
         return {"delta": None, "spread": None, "verdict": "no result"}
     delta = s["mean"] - ref["mean"]
+    if 0.0 in (s["std"], ref["std"]):  # two seeds that score exactly alike: a model that learnt nothing seed-specific
+        return {"delta": delta, "spread": 0.0, "verdict": "seeds identical: no spread to judge by"}
     verdict, spread = beyond_spread(delta, s["std"], ref["std"])
     if verdict == "larger than the seed spread":
         verdict = "better beyond the seed spread" if delta > 0 else "worse beyond the seed spread"

@@ -78,6 +78,12 @@ def test_a_value_is_adopted_only_beyond_the_seed_spread():
     result = ablation.tables(arch, rows)
     assert result["chosen"] == {"upsample": "transposed"} and ablation.chosen_values(arch, result) == {}
     assert "upsample: no value beats the configured transposed beyond the seed spread: kept" in result["notes"]
+    # seeds that score exactly alike (a point that learnt nothing, e.g. every pixel background): no
+    # spread to judge by, nothing adopted, even for a gap larger than the other point's std
+    rows = _rows(arch, {"transposed": [0.122, 0.122], "bilinear": [0.122, 0.140], "unpool": [0.2, 0.21]})
+    table = {r["value"]: r for r in ablation.tables(arch, rows)["axes"]["upsample"]}
+    assert {r["verdict"] for v, r in table.items() if v != "transposed"} == {"seeds identical: no spread to judge by"}
+    assert ablation.tables(arch, rows)["chosen"] == {"upsample": "transposed"}
     # one seed: the spread is unknown, so nothing is adopted however large the gap
     result = ablation.tables(arch, _rows(arch, {"transposed": [0.1], "bilinear": [0.9], "unpool": [0.2]}))
     assert {r["verdict"] for r in result["axes"]["upsample"]} == {"configured", "one seed: spread unknown"}
@@ -127,7 +133,8 @@ def test_the_quickstart_grids_hold_no_two_identical_computations():
 
     p = load_params(ROOT / "params.yaml", profile_overrides("quickstart"))
     assert p.tune.seeds == 2
-    for family in p.tune.families:
+    assert p.tune.families == ["unet"]
+    for family in ("deeplabv3", "unet"):
         arch = split(resolve_space(p, family))[ARCHITECTURE]
         check_distinct(arch, family_params(p, family).train.crop_size)
         assert expected_trials(arch, p.tune, ARCHITECTURE) == 2 * len(points(arch))
