@@ -92,7 +92,7 @@ def object_means(p: SyntheticParams, n: int) -> dict[int, list[np.ndarray]]:
 def test_scenes_no_class_is_told_by_its_colour():
     groups = object_means(params(), 80)
     assert min(len(g) for g in groups.values()) >= 12
-    # the old colour-coded scenes: fisher ~ 30, nearest mean colour names 100% of the objects
+    # here: fisher ~0.02, accuracy ~0.3 (chance 0.25); the colour-coded scenes these replaced: ~99 and 100%
     assert fisher(groups) < 0.1
     assert nearest_mean_accuracy(groups) < 1 / len(CLASSES) + 0.2
 
@@ -112,7 +112,7 @@ def rings(img: np.ndarray, m: np.ndarray, p: SyntheticParams):
         yield c, (cy, cx), np.array(profile), between, m[np.abs(r - p.context_distance) <= 0.5]
 
 
-@pytest.mark.parametrize("size,distance", [(96, 24), (64, 20), (80, 26)])
+@pytest.mark.parametrize("size,distance", [(96, 24), (96, 28), (64, 20), (80, 26)])
 def test_context_ring_at_the_configured_distance_and_nothing_nearer(size, distance):
     p = params(kind="context", size=size, context_distance=distance)
     for i in range(15):
