@@ -10,22 +10,22 @@ horizontal stripes, checkerboard, dots or plain, fixed to the image axes, period
 colour alone says nothing about the class. The i-th entry of ``classes`` gets row i of
 :data:`CLASS_TABLE`; with the default four: an ellipse with vertical stripes, a box with a
 checkerboard, a triangle with horizontal stripes, and the first one's twin: the same ellipse with
-the same stripes, which sits in the lake (an elliptic background region with faint waves) while the
-first one never does, so only the surroundings tell those two apart. Rows 4 and 5 differ from row 0
-by shape only and by texture only. Each scene holds half of ``max_objects`` up to ``max_objects``
-objects, rotated, of varying aspect (some thin) and size (one in five small); later ones occlude
-earlier ones.
+the same stripes, centred well inside the lake (an elliptic background region with faint waves),
+while the first one is always centred outside it, so only the surroundings tell those two apart.
+Rows 4 and 5 differ from row 0 by shape only and by texture only. A scene holds half of
+``max_objects`` (rounded up) to ``max_objects`` objects, rotated, of varying aspect (some thin) and
+size (one in five small); later ones occlude earlier ones.
 
-``context``: a known-answer test of the field of view. All objects look alike (a disc of one
-radius, colours from one shared distribution, the same texture); an object's class is given only
-by a thin ring centred on the object's centre at radius ``context_distance`` px (its centre line),
-coloured by the class. Rings are labelled background (0). Every scene holds 2+ objects of
-different classes (where ``max_objects`` and ``classes`` allow), placed so that no ring comes
-closer to another object's centre than its own ring does (centres >= 2 * distance + ring width
-apart); when there is room, distractor rings with no object inside are added. A model whose field
-of view reaches ``context_distance`` from an object's pixels can name the class; one that sees
-less can only say "object" (a global image summary sees every ring of the image at once, not
-which ring belongs to which object).
+``context``: a known-answer test of the field of view. All objects look alike (a disc of radius
+max(3, size / 12), one colour 60-120 RGB units from the background under it, any direction); an
+object's class is given only by a thin ring (``RING_WIDTH`` px) centred on the object's centre at
+radius ``context_distance`` px (the ring's centre line), coloured by the class. Rings are labelled
+background (0). Every scene holds 2+ objects of different classes (where ``max_objects`` and
+``classes`` allow), placed so that no ring comes closer to another object's centre than its own
+ring does (centres >= 2 * distance + ring width + 1 apart); when there is room, distractor rings
+with no object inside are added. A model whose field of view reaches ``context_distance`` from an
+object's centre can name the class; one that sees less can only say "object" (a global image
+summary sees every ring of the image at once, not which ring belongs to which object).
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def _context(p: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, 
     void = np.zeros((size, size), bool)
     want = int(rng.integers(min(2, p.max_objects), p.max_objects + 1)) if n > 1 else 1
     want = min(want, n)
-    centres = _context_centres(p, rng, want + int(rng.integers(0, 3)))  # + distractor rings where there is room
+    centres = _context_centres(p, rng, want + int(rng.integers(0, 3)))  # + 0-2 distractor rings
     objects = min(want, len(centres))
     ks = rng.permutation(n)[:objects].tolist() + rng.integers(0, n, size=len(centres) - objects).tolist()
     yy, xx = _grid(size)
