@@ -132,20 +132,13 @@ def check_distinct(space: Space, crop_size: int) -> None:
     seen: dict[Any, dict] = {}
     for point in points(space):
         model, options, _ = apply_values(space, values_of(space, point))
-        sig = aspp_signature(model, crop_size, **options)
-        key = (model, json.dumps({k: v for k, v in options.items() if k not in _ASPP_OPTIONS}, sort_keys=True,
-                                 default=str), sig) if sig is not None else None
-        if key is None:
-            continue
+        key = (model, aspp_signature(model, crop_size, **options))  # equal iff the same computation
         if key in seen:
             raise UserError(f"tune.space.{space.family}: {label(seen[key])} and {label(point)} are the same "
                             f"computation at train.crop_size {crop_size} (an ASPP rate >= the feature-map side is "
                             "a 1x1 conv: `segpipe models --crop N` shows each branch's field of view); drop one "
                             f"or raise train.crop_size (tune.space.{space.family})")
         seen[key] = point
-
-
-_ASPP_OPTIONS = ("atrous_rates", "atrous_rates_at", "output_stride", "aspp", "multi_grid", "image_pooling")
 
 
 def point_of(space: Space, values: dict) -> dict:
