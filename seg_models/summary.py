@@ -76,6 +76,19 @@ def aspp_lines(crop_size: int) -> list[str]:
     return lines
 
 
+def aspp_note(name: str, crop_size: int, options: dict[str, Any] | None = None) -> str | None:
+    """One line on what this model's ASPP sees at a ``crop_size`` crop (None without an ASPP): the
+    feature-map side and each branch's field of view, degenerate branches marked."""
+    geometry = aspp_geometry(name, crop_size, **(options or {}))
+    if geometry is None:
+        return None
+    side = geometry["feature_size"]
+    branches = ", ".join(f"rate {b['rate']}: field {b['field_px']} px" + DEGENERATE * b["degenerate"]
+                         for b in geometry["branches"])
+    return (f"ASPP at a {crop_size} px crop, output stride {geometry['output_stride']}: feature map {side} x {side}; "
+            f"{branches}; image pooling {'on' if geometry['image_pooling'] else 'off'}")
+
+
 def model_cost(name: str, size: int, options: dict[str, Any] | None = None) -> dict[str, float]:
     """{"params", "gflops"} of one model with these options at a ``size`` x ``size`` input (batch 1,
     eval mode, built on the meta device: nothing allocated or computed)."""

@@ -39,6 +39,7 @@ from pipeline.training.spec import WorkerSpec
 from pipeline.training.progress import ProgressPrinter, make_epoch_callback
 from pipeline.training.worker import WORKER_ERROR, train_loop_per_worker
 from seg_models import build_model, list_models, model_info
+from seg_models.summary import aspp_note
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,9 @@ def train(p: Params, family: str | None = None, progress: bool = True, *, label:
         check_resume_checkpoints(job.storage_path, job.ray_name)
     job = job.with_(run_id=track.open_run(job))
     log.info(f"[{job.label or job.family}] training {job.model} on {p.ray.num_workers} worker(s), MLflow run {job.run_id}")
+    note = aspp_note(job.model, p.train.crop_size, job.options)
+    if note:  # what each atrous branch sees at this crop (a degenerate one is a 1x1 conv)
+        log.info(f"[{job.label or job.family}] {note}")
     started = time.time()
     ACTIVE_RUNS[job.run_id] = job.tracking_uri
     with tracking.ending_run(job.tracking_uri, job.run_id), _inactive(job.run_id):

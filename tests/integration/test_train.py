@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 
-def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, tmp_path):
+def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, tmp_path, capsys):
     """The four families at once (`train --all`: each run the one-by-one `train()` in its own driver
     thread), one 0.5-CPU worker each so all four fit the session's 2-CPU Ray together (a 1-worker
     run goes through the same collectives as N; the 2-worker runs are the killed-worker test's and
@@ -44,6 +44,12 @@ def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, t
     with ActorTitles() as actors:
         outcomes = train_all(p, progress=True)
     assert [(o.family, o.seed, o.error) for o in outcomes] == [(fam, 0, "") for fam in TINY]
+    # what DeepLabV3's ASPP sees at this crop, said before training (64 px, output stride 16: a 4 x 4
+    # map, where torchvision's MobileNetV3 rates 12, 24, 36 are 1x1 convs); no such line for the others
+    aspp = [line for line in capsys.readouterr().out.splitlines() if "ASPP at a" in line]
+    assert aspp == ["[deeplabv3/seed0] ASPP at a 64 px crop, output stride 16: feature map 4 x 4; rate 12: field 400 px = 1x1 "
+                    "conv at this crop, rate 24: field 784 px = 1x1 conv at this crop, rate 36: field 1168 px = 1x1 "
+                    "conv at this crop; image pooling on"], aspp
     # a local Ray cannot be preempted: no preemption watcher process per run (the sampler saw the runs)
     assert "ray::TrainController" in actors.seen and "ray::RayTrainWorker" in actors.seen, actors.seen
     assert "ray::PreemptionWatcher" not in actors.seen, actors.seen

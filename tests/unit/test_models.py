@@ -516,5 +516,10 @@ def test_aspp_lines_and_the_models_crop_option(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "feature map 12 x 12" in out and out.count("= 1x1 conv at this crop") == 18
     assert stage.run(None, parser.parse_args([])) == 0 and "ASPP" not in capsys.readouterr().out
+    # the line `segpipe train` prints for the model it trains (None without an ASPP)
+    assert summary.aspp_note("deeplabv3_small", 128, {"atrous_rates": [1, 16, 6], "image_pooling": False}) == (
+        "ASPP at a 128 px crop, output stride 8: feature map 16 x 16; rate 1: field 24 px, rate 16: field 264 px "
+        "= 1x1 conv at this crop, rate 6: field 104 px; image pooling off")
+    assert summary.aspp_note("unet", 128) is None and summary.aspp_note("deeplabv3_resnet50", 64, {"aspp": "cascade"}) is None
     with pytest.raises(UserError, match="--crop"):
         stage.run(None, parser.parse_args(["--crop", "0"]))
