@@ -37,7 +37,7 @@ from pipeline.training.checkpoint import check_resume_checkpoints, load_checkpoi
 from pipeline.training.resources import check_fit, check_outputs
 from pipeline.training.spec import WorkerSpec
 from pipeline.training.progress import ProgressPrinter, make_epoch_callback
-from pipeline.training.worker import WORKER_ERROR, train_loop_per_worker
+from pipeline.training.worker import FAILURE_KEY, WORKER_ERROR, train_loop_per_worker
 from seg_models import build_model, list_models, model_info
 from seg_models.summary import aspp_note
 
@@ -99,12 +99,30 @@ def check_model(model: str, options: dict, where: str = "train.model") -> None:
         raise UserError(f"{model}: {exc} (model options)") from None
 
 
-def check_data(p: Params) -> dict:
+def check_data(p: Params, tune_workers: int | None = None) -> dict:
     """The shards the run reads, checked against themselves (data.checks.check_shards): no empty
-    split, manifest counts = listed rows, ids unique, val disjoint from train and tune."""
+    split, manifest counts = listed rows, ids unique, val disjoint from train and tune; and the
+    split it trains on holds one global batch (tune_workers: a tune's trials, which train on train
+    without the tune split)."""
     manifest = load_manifest(p.data.dir)
-    check_shards(p.data.dir, manifest)
+    counts = check_shards(p.data.dir, manifest)
+    check_batch_fits(p, counts, tune_workers)
     return manifest
+
+
+def check_batch_fits(p: Params, counts: dict, tune_workers: int | None = None) -> None:
+    """Training drops the last incomplete batch (a batch of 1 breaks BatchNorm): a split smaller
+    than one global batch (train.batch_size x workers) would train on nothing."""
+    workers, split, knobs = p.ray.num_workers, "train", "train.batch_size, ray.num_workers"
+    images = counts.get("train", 0)
+    if tune_workers is not None:
+        workers, knobs = tune_workers, "train.batch_size, tune.num_workers, data.tune_split"
+        if counts.get("tune"):
+            split, images = "train split without the tune split", images - counts["tune"]
+    batch = p.train.batch_size * workers
+    if images < batch:
+        raise UserError(f"the {split} holds {images} images, fewer than one global batch of {batch} "
+                        f"({p.train.batch_size} per worker x {workers} workers): lower {knobs} or add images")
 
 
 def preflight(p: Params) -> None:
@@ -137,7 +155,8 @@ def ray_run_name(job: Job, storage_path: str) -> str:
 
 
 def fit(job: Job, callbacks: list | None = None):
-    """Build and run the TorchTrainer for `job` (used by train and by every tune trial)."""
+    """Build and run the TorchTrainer for `job` (used by train and by every tune trial). A run its
+    workers ended on a deterministic failure (worker.FAILURE_KEY: not retried) raises it here."""
     p = job.params
     gpu = use_gpu(p)
     trainer = TorchTrainer(
@@ -151,7 +170,11 @@ def fit(job: Job, callbacks: list | None = None):
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=callbacks or []),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    returned = result.return_value
+    if isinstance(returned, dict) and FAILURE_KEY in returned:
+        raise RuntimeError(returned[FAILURE_KEY])  # _worker_failure makes it the run's `error:` line
+    return result
 
 
 ACTIVE_RUNS: dict[str, str] = {}  # MLflow run id -> tracking URI of this driver's runs in flight

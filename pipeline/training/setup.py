@@ -90,6 +90,6 @@ def build_loaders(spec: WorkerSpec, rank: int, world_size: int, epoch: int):
     gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 101 + rank)
     common = {"num_workers": spec.loader_workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False}
     train = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, generator=gen,
-                       drop_last=len(train_ds) >= spec.batch_size, **common)
+                       drop_last=True, **common)  # a last batch of 1 breaks BatchNorm; a whole batch is checked before Ray
     val = DataLoader(val_ds, batch_size=spec.batch_size, shuffle=False, **common)
     return train, val

@@ -5,8 +5,8 @@ Each worker reads a disjoint part of the shards (pipeline.training.setup.build_l
 pipeline.training.engine, all-reduces the epoch sums and the confusion matrix through
 pipeline.training.dist before any metric is computed, and reports one dict per epoch to Ray
 (rank 0 attaches a checkpoint: pipeline.training.checkpoint's state.pt). A NaN / inf loss on any
-rank stops every rank at the same step; the driver turns the worker's error text into one
-`error:` line (WORKER_ERROR, "loss became NaN at epoch E step S").
+rank stops every rank at the same step and the run ends without a retry (FAILURE_KEY); the driver
+turns the text into one `error:` line (WORKER_ERROR, "loss became NaN at epoch E step S").
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ from pipeline.training.spec import WorkerSpec
 
 # A worker's error the driver turns into one `error:` line (Ray wraps worker exceptions).
 WORKER_ERROR = "segpipe-user-error: "
+# A deterministic failure (a non-finite loss, a checkpoint the worker cannot read) is not raised: every
+# rank stops at the same point and rank 0 returns {FAILURE_KEY: text}, so Ray Train's FailureConfig
+# does not replay it from the last checkpoint (it would fail the same way); pipeline.training.job.fit
+# raises it. An exception (a lost worker or node) is still retried.
+FAILURE_KEY = "segpipe_failure"
 # Reported with every epoch: the hex id of the placement group the workers run in (the tune's
 # driver frees a stopped trial's group with it: pipeline.tuning.runner.release_placement_group).
 PLACEMENT_GROUP_KEY = "placement_group"
@@ -45,7 +50,7 @@ def _restore(s: Setup, device: torch.device) -> tuple[int, dict]:
         try:
             state = load_state(Path(d) / "state.pt", map_location=device)
         except UserError as exc:  # the driver checked it before Ray started; a swap since then lands here
-            raise RuntimeError(f"{WORKER_ERROR}{exc}") from None
+            return 0, {FAILURE_KEY: f"{WORKER_ERROR}{exc}"}
     return restore_state(s, state), dict(state.get("history") or {})
 
 
@@ -75,6 +80,11 @@ def _epoch_metrics(s: Setup, spec: WorkerSpec, epoch: int, stats: dict, val_load
     return metrics
 
 
+def _failed(rank: int, text: str) -> dict | None:
+    """What a worker returns when a deterministic failure ends the run (FAILURE_KEY)."""
+    return {FAILURE_KEY: text} if rank == 0 else None
+
+
 def train_loop_per_worker(spec: WorkerSpec) -> dict[int, dict[str, float]] | None:
     """Runs in every Ray Train worker (also inside each Ray Tune trial); `spec` is the run's
     WorkerSpec (Ray's train_loop_config). Rank 0 returns the run's epoch history (epoch -> the
@@ -87,13 +97,15 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[int, dict[str, float]] | Non
     train_loader, _ = build_loaders(spec, rank, world, 0)
     s = build(spec, device, len(train_loader), sync_bn=device.type == "cuda", wrap=ray.train.torch.prepare_model)
     start_epoch, history = _restore(s, device)
+    if collective.any_rank(FAILURE_KEY in history, device):  # every rank read the same checkpoint
+        return _failed(rank, history.get(FAILURE_KEY, f"{WORKER_ERROR}a worker could not read the checkpoint"))
     for epoch in range(start_epoch, spec.epochs):
         train_loader, val_loader = build_loaders(spec, rank, world, epoch)
         try:
             stats = engine.train_epoch(s.model, train_loader, s.optimizer, s.scheduler, s.scaler, s.opts, epoch + 1,
                                        any_rank=lambda flag: collective.any_rank(flag, device))
         except engine.NonFiniteLoss as exc:  # every rank stops at this step (the flag is all-reduced)
-            raise RuntimeError(f"segpipe: {exc}") from None
+            return _failed(rank, f"segpipe: {exc}")
         if spec.bn_recalibrate and ((epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs):
             _recalibrate(s, spec, train_loader, world)
         metrics = _epoch_metrics(s, spec, epoch, stats, val_loader)

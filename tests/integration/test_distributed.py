@@ -51,7 +51,7 @@ def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float =
 
 
 def test_two_workers_with_a_one_image_val_split_finish(one_val_image, tmp_path, ray_join_env):
-    proc = _train(tiny_overrides(one_val_image, tmp_path) + ["train.sample_images=0", "train.max_failures=0"], tmp_path,
+    proc = _train(tiny_overrides(one_val_image, tmp_path) + ["train.sample_images=0", "train.max_failures=2"], tmp_path,
                   env=ray_join_env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[unet] done: val mIoU" in proc.stdout
@@ -61,10 +61,11 @@ def test_two_workers_with_a_one_image_val_split_finish(one_val_image, tmp_path, 
 
 # Test-side fault injection, put on the workers' PYTHONPATH as sitecustomize.py (product code knows
 # nothing of it): once pipeline.training.engine is imported, the loss on the rank named in nan.json
-# beside it is NaN, and each rank's NonFiniteLoss stop is recorded as <stops>/nan-<rank>-<epoch>-<step>.
+# beside it is NaN, and each rank's NonFiniteLoss stop is recorded as <stops>/nan-<rank>-<epoch>-<step>-<pid>
+# (a worker group Ray restarted would add files of new pids).
 # A file, not environment variables: the workers of the session's Ray get the job's PYTHONPATH only.
 NAN_HOOK = """
-import importlib.abc, importlib.machinery, json, sys
+import importlib.abc, importlib.machinery, json, os, sys
 from pathlib import Path
 
 CONF = json.loads(Path(__file__).with_name("nan.json").read_text())
@@ -87,7 +88,7 @@ def _patch(engine):
         try:
             return train_epoch(*args, **kwargs)
         except engine.NonFiniteLoss as exc:
-            Path(CONF["stops"], f"nan-{_rank()}-{exc.epoch}-{exc.step}").touch()
+            Path(CONF["stops"], f"nan-{_rank()}-{exc.epoch}-{exc.step}-{os.getpid()}").touch()
             raise
 
     engine.loss_fn, engine.train_epoch = nan_loss, recorded_epoch
@@ -113,18 +114,21 @@ sys.meta_path.insert(0, _Finder())
 
 
 def test_nan_on_one_rank_stops_every_rank_at_the_same_step(synthetic_shards, tmp_path, ray_join_env):
+    """...and once: a NaN is deterministic, so the run ends at once although train.max_failures
+    allows two restarts of the worker group (which would replay it from the last checkpoint)."""
     stops, hook = tmp_path / "stops", tmp_path / "hook"
     stops.mkdir()
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(NAN_HOOK)
     (hook / "nan.json").write_text(json.dumps({"rank": 1, "stops": str(stops)}))
-    proc = _train(tiny_overrides(synthetic_shards, tmp_path) + ["train.sample_images=0", "train.max_failures=0"], tmp_path,
+    proc = _train(tiny_overrides(synthetic_shards, tmp_path) + ["train.sample_images=0", "train.max_failures=2"], tmp_path,
                   env={**ray_join_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{hook}"}, timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "loss became NaN at epoch 1 step 0" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert sorted(f.name for f in stops.iterdir()) == ["nan-0-1-0", "nan-1-1-0"]  # rank 0 (finite loss) stopped too
+    # rank 0 (finite loss) stopped too, and no restarted worker group ran into it again
+    assert sorted(f.name.rsplit("-", 1)[0] for f in stops.iterdir()) == ["nan-0-1-0", "nan-1-1-0"]
 
 
 def test_collective_helper_at_world_size_one():

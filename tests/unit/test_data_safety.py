@@ -135,6 +135,34 @@ def test_train_refuses_shards_that_contradict_their_manifest_before_ray(sample_d
     assert not out.exists()  # nothing trained, nothing written
 
 
+@pytest.mark.parametrize("stage", ["train", "tune"])
+def test_a_split_smaller_than_one_global_batch_is_refused_before_ray(sample_dir, params_file, tmp_path, stage):
+    """The sample's 7 train images (6 once a tune split of 1 is carved) against a global batch of
+    8 (4 per worker x 2 workers): training would drop its only, incomplete batch (a batch of 1 breaks
+    BatchNorm), so the stage says which split, how many images, the batch and the knobs."""
+    out = tmp_path / "out"
+    workers = "ray.num_workers=2" if stage == "train" else "tune.num_workers=2"
+    proc = run_cli(stage, "-q", "-p", str(params_file), "-S", f"data.dir={sample_dir}", "-S", "data.source=sample",
+                   "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "-S", "train.batch_size=4", "-S", workers,
+                   "-S", f"train.models_dir={out}/models", "-S", f"train.reports_dir={out}/reports",
+                   "-S", "families.unet.model=unet", "-S", "families.unet.options={base_channels: 8}",
+                   "-S", "tune.families=[unet]", "-S", "tune.space.unet={upsample: {grid: [bilinear, transposed]}}",
+                   "--family", "unet", no_ray=True)
+    manifest = json.loads((sample_dir / "shards" / "manifest.json").read_text())["splits"]
+    images = manifest["train"]["count"] - (manifest.get("tune", {}).get("count", 0) if stage == "tune" else 0)
+    assert images < 8, manifest
+    knobs = "train.batch_size, ray.num_workers" if stage == "train" else "train.batch_size, tune.num_workers, data.tune_split"
+    assert_user_error(proc, f"holds {images} images, fewer than one global batch of 8 (4 per worker x 2 workers)", knobs)
+    assert not out.exists()
+    if stage == "train":  # one batch fits: no refusal of this kind (the run then needs Ray, which no_ray refuses)
+        ok = run_cli(stage, "-q", "-p", str(params_file), "-S", f"data.dir={sample_dir}", "-S", "data.source=sample",
+                     "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "-S", "train.batch_size=3",
+                     "-S", workers, "-S", f"train.models_dir={out}/models", "-S", f"train.reports_dir={out}/reports",
+                     "-S", "families.unet.model=unet", "-S", "families.unet.options={base_channels: 8}",
+                     "--family", "unet", no_ray=True)
+        assert "global batch" not in ok.stderr and "RayStarted" in ok.stderr, ok.stderr[-2000:]
+
+
 def test_train_refuses_val_ids_in_the_train_shards(sample_dir, params_file, tmp_path):
     """Shards written by another tool (or an older preprocess) with val ids in train: refused."""
     import pyarrow as pa
