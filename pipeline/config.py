@@ -275,7 +275,8 @@ class TrainParams(_Strict):
     epochs: int = Field(ge=1, description="training epochs")
     batch_size: int = Field(ge=1, description="per worker")
     crop_size: int = Field(ge=16, description="side of the random crop of the train augmentation")
-    eval_size: int = Field(ge=16, description="val images are padded/resized to this square size")
+    eval_size: int = Field(ge=16, description="val images larger than this are shrunk to fit it, then padded to this square; "
+                           "scored at the label's own resolution (logits resized back)")
 
     @field_validator("crop_size", "eval_size")
     @classmethod

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -36,8 +38,28 @@ class SegmentationModel(nn.Module):
         return result
 
 
+def no_autocast(x: Tensor):
+    """Autocast off for ``x``'s device (a no-op where autocast does not exist: the meta device)."""
+    if not torch.amp.is_autocast_available(x.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    """Bilinear to ``size``, in fp32 outside autocast (it resizes class scores)."""
+    with no_autocast(x):
+        return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ScoreConv2d(nn.Conv2d):
+    """A convolution whose outputs are class scores: it runs in fp32 outside autocast (input cast up),
+    so the logits the loss and the argmax read are never rounded to bf16 / fp16 (where near-ties
+    become ties, and the argmax picks by class index). Same parameters and state-dict keys as
+    ``nn.Conv2d``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with no_autocast(x):
+            return super().forward(x.float())
 
 
 def fit(x: Tensor, size: Sequence[int]) -> Tensor:

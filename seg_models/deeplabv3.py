@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
-from ._utils import SegmentationModel, init_conv
+from ._utils import ScoreConv2d, SegmentationModel, init_conv
 from .backbones import IntermediateLayerGetter, mobilenet_v3_large, resnet
 from .fcn import FCNHead
 
@@ -92,7 +92,7 @@ class ASPP(nn.Module):
 
 def _classifier(in_channels: int, num_classes: int, channels: int = 256) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
-            nn.Conv2d(channels, num_classes, 1)]
+            ScoreConv2d(channels, num_classes, 1)]
 
 
 class DeepLabHead(nn.Sequential):

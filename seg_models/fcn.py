@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._utils import SegmentationModel, fit, pad_to_multiple
+from ._utils import ScoreConv2d, SegmentationModel, fit, pad_to_multiple
 from .backbones import IntermediateLayerGetter, resnet, vgg16
 from .upsample import DecoderStage, Upsample, conv_bn_relu
 
@@ -52,7 +52,7 @@ class FCNHead(nn.Sequential):
             nn.BatchNorm2d(inter_channels),
             nn.ReLU(),
             nn.Dropout(0.1),
-            nn.Conv2d(inter_channels, channels, 1),
+            ScoreConv2d(inter_channels, channels, 1),
         )
 
 
@@ -75,13 +75,13 @@ class FCNVGG(nn.Module):
         self.decoder = FeatureDecoder(channels, num_classes, self.skips, upsample) if decoder == "features" else None
         if self.decoder is not None:
             return
-        self.score_fr = nn.Conv2d(channels["fc7"], num_classes, 1)
-        self.score_pool = nn.ModuleDict({p: nn.Conv2d(channels[p], num_classes, 1) for p in self.skips})
+        self.score_fr = ScoreConv2d(channels["fc7"], num_classes, 1)
+        self.score_pool = nn.ModuleDict({p: ScoreConv2d(channels[p], num_classes, 1) for p in self.skips})
         for conv in self.score_pool.values():
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
-        self.upscore_to = nn.ModuleDict({p: Upsample(upsample, num_classes, 2) for p in self.skips})
-        self.upscore = Upsample(upsample, num_classes, stride)
+        self.upscore_to = nn.ModuleDict({p: Upsample(upsample, num_classes, 2, scores=True) for p in self.skips})
+        self.upscore = Upsample(upsample, num_classes, stride, scores=True)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         size = x.shape[-2:]
@@ -122,7 +122,7 @@ class FeatureDecoder(nn.Module):
         self.stages = nn.ModuleList(DecoderStage(method, c[level - 1], out)
                                     for level, out in zip(range(5, 0, -1), outs))
         self.skip = nn.ModuleDict({p: nn.Conv2d(channels[p], channels[p], 1) for p in skips})
-        self.score = nn.Conv2d(SCORE_CHANNELS, num_classes, 1)
+        self.score = ScoreConv2d(SCORE_CHANNELS, num_classes, 1)
         with torch.no_grad():
             self.stages[-1].conv[1].weight.fill_(SCORE_GAIN)
             self.score.weight.div_(SCORE_GAIN)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import SegmentationModel
+from ._utils import ScoreConv2d, SegmentationModel
 from .backbones import IntermediateLayerGetter, mobilenet_v3_large
 
 
@@ -30,8 +30,8 @@ class LRASPPHead(nn.Module):
             nn.Conv2d(high_channels, inter_channels, 1, bias=False),
             nn.Sigmoid(),
         )
-        self.low_classifier = nn.Conv2d(low_channels, num_classes, 1)
-        self.high_classifier = nn.Conv2d(inter_channels, num_classes, 1)
+        self.low_classifier = ScoreConv2d(low_channels, num_classes, 1)
+        self.high_classifier = ScoreConv2d(inter_channels, num_classes, 1)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         low, high = features["low"], features["high"]

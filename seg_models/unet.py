@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._utils import ScoreConv2d
 from .backbones import IntermediateLayerGetter, resnet
 from .upsample import Pool, Upsample, max_pool
 
@@ -55,7 +56,7 @@ class UNet(nn.Module):
         self.inc = DoubleConv(in_channels, ch[0], batch_norm)
         self.down = nn.ModuleList(DoubleConv(ch[i], ch[i + 1], batch_norm) for i in range(4))
         self.up = nn.ModuleList(UpStage(ch[i + 1], ch[i], ch[i], upsample, batch_norm) for i in reversed(range(4)))
-        self.head = nn.Conv2d(ch[0], num_classes, 1)
+        self.head = ScoreConv2d(ch[0], num_classes, 1)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = self.inc(x)
@@ -83,7 +84,7 @@ class ResNetUNet(nn.Module):
         in_channels = (2048, *decoder_channels[:-1])
         self.decoder = nn.ModuleList(UpStage(i, s, o, upsample)
                                      for i, s, o in zip(in_channels, skip_channels, decoder_channels))
-        self.head = nn.Conv2d(decoder_channels[-1], num_classes, 1)
+        self.head = ScoreConv2d(decoder_channels[-1], num_classes, 1)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         size = x.shape[-2:]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import fit
+from ._utils import fit, no_autocast
 
 METHODS = ("bilinear", "transposed", "unpool")
 
@@ -100,8 +100,10 @@ def bilinear_kernel(channels: int, scale: int) -> Tensor:
 
 
 class Upsample(nn.Module):
-    def __init__(self, method: str, channels: int, scale: int) -> None:
+    def __init__(self, method: str, channels: int, scale: int, scores: bool = False) -> None:
+        """``scores``: ``x`` holds class scores, upsampled in fp32 outside autocast (as ScoreConv2d)."""
         super().__init__()
+        self.scores = scores
         if method not in METHODS:
             raise ValueError(f"upsample must be one of {', '.join(METHODS)}, got {method!r}")
         if scale < 2 or scale & (scale - 1):
@@ -115,6 +117,12 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor, size: Sequence[int], pools: Sequence[Pool] = ()) -> Tensor:
         """Upsample to exactly ``size``; ``pools`` (for ``unpool``) are the pools to undo, deepest first."""
+        if self.scores:
+            with no_autocast(x):
+                return self._upsample(x.float(), size, pools)
+        return self._upsample(x, size, pools)
+
+    def _upsample(self, x: Tensor, size: Sequence[int], pools: Sequence[Pool]) -> Tensor:
         if self.method == "bilinear":
             return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
         if self.method == "transposed":

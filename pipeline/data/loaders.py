@@ -202,6 +202,12 @@ class ShardDataset(Dataset):
         return list(blocks.values())
 
 
+def collate_eval(batch):
+    """An eval batch: the images stacked (all padded to the eval size), the masks as a list at their own
+    sizes (eval_transform(full_mask=True): scored at the label's resolution)."""
+    return torch.stack([image for image, _ in batch]), [mask for _, mask in batch]
+
+
 class BlockShuffleSampler(Sampler[int]):
     """Shuffles row groups, then rows inside each: random order while each row group is decoded
     from Parquet once per epoch instead of once per image."""

@@ -44,27 +44,30 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class PadTo(torch.nn.Module):
-    """Pad bottom/right to at least `size` (image with 0, mask with 255 = void)."""
+    """Pad bottom/right to at least `size` (image with 0, mask with 255 = void; pad_mask=False: the
+    mask as it is)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, pad_mask: bool = True):
         super().__init__()
-        self.size = size
+        self.size, self.pad_mask = size, pad_mask
 
     def forward(self, image, mask):
         h, w = image.shape[-2:]
         ph, pw = max(0, self.size - h), max(0, self.size - w)
         if ph or pw:
             image = TF.pad(image, [0, 0, pw, ph], fill=0)
-            mask = TF.pad(mask, [0, 0, pw, ph], fill=IGNORE_INDEX)
+            if self.pad_mask:
+                mask = TF.pad(mask, [0, 0, pw, ph], fill=IGNORE_INDEX)
         return image, mask
 
 
 class FitInside(torch.nn.Module):
-    """Shrink so the longer side is at most `size` (keeps aspect); smaller images are untouched."""
+    """Shrink so the longer side is at most `size` (keeps aspect); smaller images are untouched.
+    resize_mask=False: the mask keeps its full resolution (evaluation scores there)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, resize_mask: bool = True):
         super().__init__()
-        self.size = size
+        self.size, self.resize_mask = size, resize_mask
 
     def forward(self, image, mask):
         h, w = image.shape[-2:]
@@ -72,7 +75,7 @@ class FitInside(torch.nn.Module):
             return image, mask
         s = self.size / max(h, w)
         size = [max(1, round(h * s)), max(1, round(w * s))]
-        return TF.resize(image, size, antialias=True), TF.resize(mask, size)
+        return TF.resize(image, size, antialias=True), (TF.resize(mask, size) if self.resize_mask else mask)
 
 
 _MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
@@ -172,7 +175,9 @@ def train_transform(crop_size: int, scale_min: float = 0.5, scale_max: float = 2
     return RandomScaleCrop(crop_size, scale_min, scale_max, normalize)
 
 
-def eval_transform(size: int, normalize: bool = True) -> PairCompose:
+def eval_transform(size: int, normalize: bool = True, full_mask: bool = False) -> PairCompose:
     """Shrink to fit inside size x size, then pad to exactly that (mask padded with 255);
-    normalize=False: uint8 image and mask, as train_transform."""
-    return PairCompose(FitInside(size), PadTo(size), _Finish(normalize))
+    normalize=False: uint8 image and mask, as train_transform. full_mask=True: the mask stays at its
+    own size, unpadded (evaluation scores at the label's resolution: engine.to_label_size)."""
+    return PairCompose(FitInside(size, resize_mask=not full_mask), PadTo(size, pad_mask=not full_mask),
+                       _Finish(normalize))

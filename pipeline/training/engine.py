@@ -180,18 +180,36 @@ def recalibrate_bn(model, loader, opts: StepOptions, batches: int, average=None)
 
 
 @torch.no_grad()
+def to_label_size(logits: torch.Tensor, label_size, eval_size: int) -> torch.Tensor:
+    """Logits (N x C x S x S) of an image the eval transform shrank to fit ``eval_size`` and padded
+    (pipeline.data.transforms.FitInside, PadTo) -> the logits at the label's own ``label_size`` (H, W):
+    the unpadded part, resized back bilinearly in fp32 (no resize when the image was not shrunk)."""
+    h, w = label_size
+    scale = min(1.0, eval_size / max(h, w))
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))  # as FitInside computes it
+    part = logits[..., :sh, :sw].float()
+    if (sh, sw) == (h, w):
+        return part
+    return F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False)
+
+
 def evaluate(model, loader, opts: StepOptions, num_classes: int) -> torch.Tensor:
     """Confusion matrix (int64, on CPU) of `model` over `loader`; the caller all-reduces it
     (pipeline.dist.all_reduce moves it to the training device). Pass the unwrapped module
     (model.module under DDP): eval needs no DDP buffer broadcast, and a rank whose loader is empty
     (a val split smaller than the world size) then runs no collective the others wait for.
-    Logits are argmaxed in fp32: under bf16/fp16 autocast near-ties would round to the same value
-    and the argmax would pick by index."""
+    Scored at each label's full resolution whatever the eval size: the loader gives a list of
+    masks at their own size (pipeline.data.loaders.collate_eval), each image's logits are resized
+    back to it before the argmax (to_label_size). The logits are fp32 (seg_models' ScoreConv2d):
+    under bf16/fp16 near-ties would round to ties the argmax breaks by class index."""
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for images, targets in loader:
-        images, targets = _to_device(images, targets, opts)
+    for images, masks in loader:
+        images, _ = _to_device(images, torch.empty(0), opts)
         with _autocast(opts):
             logits = model(images)["out"]
-        cm += confusion_matrix(logits.float().argmax(1), targets, num_classes)
+        for i, mask in enumerate(masks):
+            mask = mask.to(opts.device, non_blocking=True).long()
+            pred = to_label_size(logits[i:i + 1], mask.shape[-2:], images.shape[-1]).argmax(1)[0]
+            cm += confusion_matrix(pred, mask, num_classes)
     return cm

@@ -11,6 +11,7 @@ from torchvision import tv_tensors
 
 from pipeline.data.loaders import ShardDataset, decode_image, decode_mask
 from pipeline.data.transforms import eval_transform
+from pipeline.training.engine import to_label_size
 
 
 def predict_mask(model, image, eval_size: int) -> np.ndarray:
@@ -22,11 +23,8 @@ def predict_mask(model, image, eval_size: int) -> np.ndarray:
     x, _ = eval_transform(eval_size)(tv_tensors.Image(image), tv_tensors.Mask(torch.zeros(h, w, dtype=torch.uint8)))
     device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(x.unsqueeze(0).to(device))["out"][0].float()
-    scale = min(1.0, eval_size / max(h, w))
-    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
-    pred = logits[:, :sh, :sw].unsqueeze(0)
-    pred = torch.nn.functional.interpolate(pred, size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+        logits = model(x.unsqueeze(0).to(device))["out"]
+    pred = to_label_size(logits, (h, w), eval_size)[0].argmax(0)
     return pred.cpu().numpy().astype(np.uint8)
 
 

@@ -77,13 +77,13 @@ def build_loaders(spec: WorkerSpec, rank: int, world_size: int, epoch: int):
     from torch.utils.data import DataLoader
 
     # imported here, not at the top: the loaders pull pyarrow, which gpu_bench (torch + pyyaml) must not
-    from pipeline.data.loaders import BlockShuffleSampler, ShardDataset
+    from pipeline.data.loaders import BlockShuffleSampler, ShardDataset, collate_eval
     from pipeline.data.transforms import eval_transform, train_transform
 
     train_ds = ShardDataset(spec.data_dir, spec.train_split,
                             train_transform(spec.crop_size, spec.scale_min, spec.scale_max, normalize=False),
                             rank=rank, world_size=world_size, pad=True)
-    val_ds = ShardDataset(spec.data_dir, spec.val_split, eval_transform(spec.eval_size, normalize=False),
+    val_ds = ShardDataset(spec.data_dir, spec.val_split, eval_transform(spec.eval_size, normalize=False, full_mask=True),
                           rank=rank, world_size=world_size)
     sampler = BlockShuffleSampler(train_ds, seed=spec.seed * 100 + rank)
     sampler.set_epoch(epoch)
@@ -91,5 +91,5 @@ def build_loaders(spec: WorkerSpec, rank: int, world_size: int, epoch: int):
     common = {"num_workers": spec.loader_workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False}
     train = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, generator=gen,
                        drop_last=True, **common)  # a last batch of 1 breaks BatchNorm; a whole batch is checked before Ray
-    val = DataLoader(val_ds, batch_size=spec.batch_size, shuffle=False, **common)
+    val = DataLoader(val_ds, batch_size=spec.batch_size, shuffle=False, collate_fn=collate_eval, **common)
     return train, val
