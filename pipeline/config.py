@@ -272,11 +272,22 @@ class TrainParams(_Strict):
 
     model: str = Field(description="registry name (see `segpipe models`)")
     model_options: dict[str, Any] = Field(description="options of train.model (they also override a family's options)")
-    epochs: int = Field(ge=1, description="training epochs")
+    epochs: int = Field(ge=1, description="training epochs (train.iterations, when set, decides instead)")
+    iterations: int = Field(ge=0, le=10_000_000, description="training length in SGD steps (0: train.epochs); "
+                            "rounded to whole epochs of the train split at the global batch (the schedule, "
+                            "checkpoints and evaluations are per epoch); tune trials use tune.max_epochs")
     batch_size: int = Field(ge=1, description="per worker")
     crop_size: int = Field(ge=16, description="side of the random crop of the train augmentation")
     eval_size: int = Field(ge=16, description="val images larger than this are shrunk to fit it, then padded to this square; "
                            "scored at the label's own resolution (logits resized back)")
+    eval_resize: Literal["fit", "short_side"] = Field(
+        description="fit: shrink images larger than eval_size to fit it, never upscale | short_side: resize the "
+        "short side to eval_size, up or down (the long side at most 4x it), one image per batch: "
+        "mmsegmentation's and torchvision's test resize")
+    photometric: bool = Field(description="mmsegmentation's PhotoMetricDistortion on each train crop (brightness "
+                              "+-32, contrast and saturation x0.5-1.5, hue +-18/180, each p=0.5)")
+    cat_max_ratio: float = Field(gt=0, le=1, description="a random crop in which one class fills more than this "
+                                 "share of the labelled pixels is redrawn, up to 10 draws (1: off; mmsegmentation 0.75)")
 
     @field_validator("crop_size", "eval_size")
     @classmethod

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.transforms import normalize_uint8
+from pipeline.data.transforms import eval_scale, normalize_uint8, scaled_size
 from pipeline.data.voc import IGNORE_INDEX
 from pipeline.training.metrics import confusion_matrix
 
@@ -180,27 +180,27 @@ def recalibrate_bn(model, loader, opts: StepOptions, batches: int, average=None)
 
 
 @torch.no_grad()
-def to_label_size(logits: torch.Tensor, label_size, eval_size: int) -> torch.Tensor:
-    """Logits (N x C x S x S) of an image the eval transform shrank to fit ``eval_size`` and padded
-    (pipeline.data.transforms.FitInside, PadTo) -> the logits at the label's own ``label_size`` (H, W):
-    the unpadded part, resized back bilinearly in fp32 (no resize when the image was not shrunk)."""
+def to_label_size(logits: torch.Tensor, label_size, eval_size: int, resize: str = "fit") -> torch.Tensor:
+    """Logits (N x C x h' x w', maybe padded) of an image the eval transform resized (``resize`` at
+    ``eval_size``: pipeline.data.transforms.eval_scale) -> the logits at the label's own
+    ``label_size`` (H, W): the unpadded part, resized back bilinearly in fp32 (none when not resized)."""
     h, w = label_size
-    scale = min(1.0, eval_size / max(h, w))
-    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))  # as FitInside computes it
+    sh, sw = scaled_size(h, w, eval_scale(h, w, eval_size, resize))  # as the eval transform computed it
     part = logits[..., :sh, :sw].float()
     if (sh, sw) == (h, w):
         return part
     return F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def evaluate(model, loader, opts: StepOptions, num_classes: int) -> torch.Tensor:
+def evaluate(model, loader, opts: StepOptions, num_classes: int, eval_size: int | None = None,
+             resize: str = "fit") -> torch.Tensor:
     """Confusion matrix (int64, on CPU) of `model` over `loader`; the caller all-reduces it
     (pipeline.dist.all_reduce moves it to the training device). Pass the unwrapped module
     (model.module under DDP): eval needs no DDP buffer broadcast, and a rank whose loader is empty
     (a val split smaller than the world size) then runs no collective the others wait for.
     Scored at each label's full resolution whatever the eval size: the loader gives a list of
     masks at their own size (pipeline.data.loaders.collate_eval), each image's logits are resized
-    back to it before the argmax (to_label_size). The logits are fp32 (seg_models' ScoreConv2d):
+    back to it before the argmax (to_label_size; eval_size None: the batch's side). The logits are fp32 (seg_models' ScoreConv2d):
     under bf16/fp16 near-ties would round to ties the argmax breaks by class index."""
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -210,6 +210,7 @@ def evaluate(model, loader, opts: StepOptions, num_classes: int) -> torch.Tensor
             logits = model(images)["out"]
         for i, mask in enumerate(masks):
             mask = mask.to(opts.device, non_blocking=True).long()
-            pred = to_label_size(logits[i:i + 1], mask.shape[-2:], images.shape[-1]).argmax(1)[0]
+            size = eval_size or images.shape[-1]
+            pred = to_label_size(logits[i:i + 1], mask.shape[-2:], size, resize).argmax(1)[0]
             cm += confusion_matrix(pred, mask, num_classes)
     return cm

@@ -82,10 +82,21 @@ def resolve_job(p: Params, family: str | None) -> Job:
     else:
         model, options = p.train.model, dict(p.train.model_options)
     check_model(model, options, where=f"families.{family}.model" if family else "train.model")
+    if p.train.iterations:
+        p = with_iterations(p)
     fam = family or model_info(model)["family"]
     spec = WorkerSpec.from_params(p, model=model, options=options, data_dir=storage.resolve(p.data.dir))
     return Job(family=fam, model=model, options=options, params=p, spec=spec,
                tracking_uri=tracking.resolve_tracking_uri(p.mlflow.tracking_uri))
+
+
+def with_iterations(p: Params) -> Params:
+    """train.iterations as whole epochs of the train split at the global batch (train.epochs set to it)."""
+    images = load_manifest(p.data.dir)["splits"].get("train", {}).get("count", 0)
+    steps = max(1, images // (p.train.batch_size * p.ray.num_workers))  # the last incomplete batch is dropped
+    epochs = max(1, round(p.train.iterations / steps))
+    log.info(f"train.iterations {p.train.iterations}: {epochs} epochs of {steps} steps = {epochs * steps} iterations")
+    return p.model_copy(update={"train": p.train.model_copy(update={"epochs": epochs})})
 
 
 def check_model(model: str, options: dict, where: str = "train.model") -> None:
@@ -113,16 +124,17 @@ def check_data(p: Params, tune_workers: int | None = None) -> dict:
 def check_batch_fits(p: Params, counts: dict, tune_workers: int | None = None) -> None:
     """Training drops the last incomplete batch (a batch of 1 breaks BatchNorm): a split smaller
     than one global batch (train.batch_size x workers) would train on nothing."""
-    workers, split, knobs = p.ray.num_workers, "train", "train.batch_size, ray.num_workers"
-    images = counts.get("train", 0)
-    if tune_workers is not None:
-        workers, knobs = tune_workers, "train.batch_size, tune.num_workers, data.tune_split"
+    workers, per_worker, split = p.ray.num_workers, p.train.batch_size, "train split"
+    knobs, images = "train.batch_size, ray.num_workers", counts.get("train", 0)
+    if tune_workers is not None:  # a trial trains at the run's global batch on tune.num_workers workers
+        workers, per_worker = tune_workers, p.train.batch_size * p.ray.num_workers // tune_workers
         if counts.get("tune"):
             split, images = "train split without the tune split", images - counts["tune"]
-    batch = p.train.batch_size * workers
+            knobs += ", data.tune_split"
+    batch = per_worker * workers
     if images < batch:
         raise UserError(f"the {split} holds {images} images, fewer than one global batch of {batch} "
-                        f"({p.train.batch_size} per worker x {workers} workers): lower {knobs} or add images")
+                        f"({per_worker} per worker x {workers} workers): lower {knobs} or add images")
 
 
 def preflight(p: Params) -> None:

@@ -81,9 +81,11 @@ def build_loaders(spec: WorkerSpec, rank: int, world_size: int, epoch: int):
     from pipeline.data.transforms import eval_transform, train_transform
 
     train_ds = ShardDataset(spec.data_dir, spec.train_split,
-                            train_transform(spec.crop_size, spec.scale_min, spec.scale_max, normalize=False),
+                            train_transform(spec.crop_size, spec.scale_min, spec.scale_max, normalize=False,
+                                            photometric=spec.photometric, cat_max_ratio=spec.cat_max_ratio),
                             rank=rank, world_size=world_size, pad=True)
-    val_ds = ShardDataset(spec.data_dir, spec.val_split, eval_transform(spec.eval_size, normalize=False, full_mask=True),
+    val_ds = ShardDataset(spec.data_dir, spec.val_split, eval_transform(spec.eval_size, normalize=False, full_mask=True,
+                                                                        resize=spec.eval_resize),
                           rank=rank, world_size=world_size)
     sampler = BlockShuffleSampler(train_ds, seed=spec.seed * 100 + rank)
     sampler.set_epoch(epoch)
@@ -91,5 +93,6 @@ def build_loaders(spec: WorkerSpec, rank: int, world_size: int, epoch: int):
     common = {"num_workers": spec.loader_workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False}
     train = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, generator=gen,
                        drop_last=True, **common)  # a last batch of 1 breaks BatchNorm; a whole batch is checked before Ray
-    val = DataLoader(val_ds, batch_size=spec.batch_size, shuffle=False, collate_fn=collate_eval, **common)
+    val_batch = 1 if spec.eval_resize == "short_side" else spec.batch_size  # short_side: sizes differ
+    val = DataLoader(val_ds, batch_size=val_batch, shuffle=False, collate_fn=collate_eval, **common)
     return train, val

@@ -32,6 +32,9 @@ class WorkerSpec:
     batch_size: int
     crop_size: int
     eval_size: int
+    eval_resize: Literal["fit", "short_side"]
+    photometric: bool
+    cat_max_ratio: float
     scale_min: float
     scale_max: float
     lr: float

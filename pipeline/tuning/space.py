@@ -325,7 +325,7 @@ def trial_params(p: Params, space: Space, values: dict) -> Params:
     batch = p.train.batch_size * p.ray.num_workers // p.tune.num_workers
     return p.model_copy(update={
         "families": families,
-        "train": p.train.model_copy(update={**train, "model_options": {}, "epochs": p.tune.max_epochs, "eval_every": 1,
+        "train": p.train.model_copy(update={**train, "model_options": {}, "epochs": p.tune.max_epochs, "iterations": 0, "eval_every": 1,
                                             "resume": False, "sample_images": 0, "batch_size": batch}),
         "ray": p.ray.model_copy(update={"num_workers": p.tune.num_workers, "cpus_per_worker": p.tune.cpus_per_worker}),
     })

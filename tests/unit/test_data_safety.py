@@ -141,7 +141,7 @@ def test_a_split_smaller_than_one_global_batch_is_refused_before_ray(sample_dir,
     8 (4 per worker x 2 workers): training would drop its only, incomplete batch (a batch of 1 breaks
     BatchNorm), so the stage says which split, how many images, the batch and the knobs."""
     out = tmp_path / "out"
-    workers = "ray.num_workers=2" if stage == "train" else "tune.num_workers=2"
+    workers = "ray.num_workers=2"  # a tune trial trains at the same global batch (on tune.num_workers)
     proc = run_cli(stage, "-q", "-p", str(params_file), "-S", f"data.dir={sample_dir}", "-S", "data.source=sample",
                    "-S", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "-S", "train.batch_size=4", "-S", workers,
                    "-S", f"train.models_dir={out}/models", "-S", f"train.reports_dir={out}/reports",
@@ -151,8 +151,12 @@ def test_a_split_smaller_than_one_global_batch_is_refused_before_ray(sample_dir,
     manifest = json.loads((sample_dir / "shards" / "manifest.json").read_text())["splits"]
     images = manifest["train"]["count"] - (manifest.get("tune", {}).get("count", 0) if stage == "tune" else 0)
     assert images < 8, manifest
-    knobs = "train.batch_size, ray.num_workers" if stage == "train" else "train.batch_size, tune.num_workers, data.tune_split"
-    assert_user_error(proc, f"holds {images} images, fewer than one global batch of 8 (4 per worker x 2 workers)", knobs)
+    if stage == "train":
+        assert_user_error(proc, f"the train split holds {images} images, fewer than one global batch of 8 (4 per "
+                          "worker x 2 workers)", "train.batch_size, ray.num_workers")
+    else:  # params.yaml: tune.num_workers 1, so the trial's one worker takes the whole global batch
+        assert_user_error(proc, f"holds {images} images, fewer than one global batch of 8 (8 per worker x 1 workers)",
+                          "train.batch_size, ray.num_workers")
     assert not out.exists()
     if stage == "train":  # one batch fits: no refusal of this kind (the run then needs Ray, which no_ray refuses)
         ok = run_cli(stage, "-q", "-p", str(params_file), "-S", f"data.dir={sample_dir}", "-S", "data.source=sample",

@@ -49,3 +49,23 @@ def test_to_label_size_is_the_identity_for_an_image_that_was_not_shrunk():
     assert torch.equal(engine.to_label_size(logits, (48, 64), EVAL), logits[..., :48, :64])
     big = engine.to_label_size(logits, (100, 80), EVAL)  # shrunk to 64 x 51, resized back
     assert big.shape[-2:] == (100, 80) and big.dtype == torch.float32
+
+
+def test_short_side_evaluation_resizes_up_or_down_and_scores_at_the_label_size():
+    """eval_resize short_side (mmsegmentation's and torchvision's test resize): the short side to the
+    eval size, upscaling a small image too; the logits come back to the label's size."""
+    t = eval_transform(EVAL, normalize=False, full_mask=True, resize="short_side")
+    for (h, w), expect in [((100, 80), (80, 64)), ((30, 40), (64, 85)), ((64, 200), (64, 200))]:
+        image, mask = t(tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8)), tv_tensors.Mask(torch.zeros(h, w)))
+        assert tuple(image.shape[-2:]) == expect and tuple(mask.shape) == (h, w)
+        assert engine.to_label_size(torch.randn(1, 21, *expect), (h, w), EVAL, "short_side").shape[-2:] == (h, w)
+    # the long side is capped at 4x the eval size (mmsegmentation's 2048 for 512)
+    image, _ = t(tv_tensors.Image(torch.zeros(3, 20, 400, dtype=torch.uint8)), tv_tensors.Mask(torch.zeros(20, 400)))
+    assert tuple(image.shape[-2:]) == (13, 256)
+    torch.manual_seed(0)
+    model = build_model("unet", num_classes=21, base_channels=8).eval()
+    items = _items()
+    loader = DataLoader([t(tv_tensors.Image(i), tv_tensors.Mask(m)) for i, m in items], batch_size=1, collate_fn=collate_eval)
+    cm = engine.evaluate(model, loader, engine.StepOptions(device=torch.device("cpu"), channels_last=False), 21,
+                         EVAL, "short_side")
+    assert int(cm.sum()) == sum(int((m != 255).sum()) for _, m in items)
