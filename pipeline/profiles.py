@@ -1,6 +1,8 @@
-"""Recipe profiles: profiles/<name>.yaml, a set of params overrides (dotted keys) plus the published
-figures the profile aims at (`anchors`). Read by `segpipe quickstart --profile` (the overrides it
-hands to DVC) and by the report (the anchors beside the measured figures)."""
+"""Recipe profiles: profiles/<name>.yaml, a set of params overrides (dotted keys) plus, not params,
+where the recipe comes from (`source`: name, config, version, url, the settings it `takes` as params,
+what still `differs`; or `own` for segpipe's own recipes) and the published figures it aims at
+(`anchors`). Read by `segpipe quickstart --profile` (the overrides it hands to DVC) and by the report
+(the anchors beside the measured figures, with the source's remaining differences)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pipeline.errors import UserError
 from pipeline.storage import REPO
 
 PROFILES = REPO / "profiles"
+NOT_PARAMS = ("anchors", "source")  # a profile's entries that are not params overrides
 
 
 def load_profile(name: str) -> dict:
@@ -24,8 +27,8 @@ def load_profile(name: str) -> dict:
 
 def profile_overrides(name: str) -> list[str]:
     """The profile's params overrides (dotted keys; a mapping value replaces the whole entry), plus
-    `profile=<name>` so every run is tagged with it. `anchors` is not a param: see profile_anchors."""
-    raw = {k: v for k, v in load_profile(name).items() if k != "anchors"}
+    `profile=<name>` so every run is tagged with it. `anchors` and `source` are not params."""
+    raw = {k: v for k, v in load_profile(name).items() if k not in NOT_PARAMS}
     return [f"profile={name}"] + [f"{k}={override_value(v)}" for k, v in raw.items() if k != "profile"]
 
 
@@ -37,6 +40,15 @@ def profile_anchors(name: str) -> dict[str, dict]:
     except (UserError, yaml.YAMLError):
         return {}
     return {f: a for f, a in anchors.items() if isinstance(a, dict)}
+
+
+def profile_source(name: str) -> dict:
+    """The profile's `source` (what it follows and what still differs); {} for no profile file or none."""
+    try:
+        source = load_profile(name).get("source") or {}
+    except (UserError, yaml.YAMLError):
+        return {}
+    return source if isinstance(source, dict) else {}
 
 
 def override_value(v) -> str:

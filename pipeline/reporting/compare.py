@@ -11,7 +11,7 @@ from pipeline.data.loaders import load_manifest, shard_dir
 from pipeline.data.voc import VOC_CLASSES
 from pipeline.errors import UserError
 from pipeline.reporting.runs import NOT_A_SETTING, Group, mean_std, trained_with
-from pipeline.profiles import profile_anchors
+from pipeline.profiles import profile_anchors, profile_source
 from pipeline.stats import beyond_spread
 from seg_models import model_info
 
@@ -63,13 +63,16 @@ def data_counts(p: Params) -> str:
 
 
 def report_anchors(p: Params, groups: list[Group]) -> dict[str, dict]:
-    """family -> the published figure its runs' profile (tag `profile`, else params `profile`) aims at."""
+    """family -> the published figure its runs' profile (tag `profile`, else params `profile`) aims at,
+    with the profile's source and the settings that still differ from it (`source.differs`)."""
     out = {}
     for g in groups:
         name = g.best.tags.get("profile") or p.profile
         a = profile_anchors(name).get(g.family)
         if a is not None:
-            out[g.family] = {**a, "profile": name}
+            source = profile_source(name)
+            out[g.family] = {**a, "profile": name, "recipe": source.get("name", ""),
+                             "differs": list(source.get("differs") or [])}
     return out
 
 

@@ -80,6 +80,8 @@ def _anchor_lines(s: dict) -> list[str]:
                  and source in ("voc2012", "voc2012_aug")
                  else f", evaluated on {a.get('split', '?')} (here the `val` split of `{source}`).")
               + " The anchor is in %, the table's mIoU a fraction."]
+        if a.get("differs"):
+            L += [f"  Settings that still differ from {a.get('recipe') or 'its source'}: " + "; ".join(a["differs"]) + "."]
     return L + ([""] if L else [])
 
 
@@ -212,7 +214,9 @@ def _registry(s: dict) -> list[str]:
     if not reg:
         return []
     L = ["## Model Registry", "", "Each family's best run (highest val mIoU over seeds) is registered in the "
-         "MLflow Model Registry with the alias `best`:", ""]
+         "MLflow Model Registry with the alias `best`. The seed is chosen on val, the split its mIoU is measured "
+         "on, so that figure is optimistic (the best of several draws); compare families by the Results "
+         "table's mean ± std over seeds.", ""]
     L += ["| family | registered model | version | val mIoU | seed | run |", "|---|---|---:|---:|---:|---|"]
     for f in reg:
         best = _best(f)

@@ -157,8 +157,9 @@ def test_best_run_of_each_family_is_registered(report):
     from pipeline.reporting.runs import Group, RunRecord
     from pipeline.tracking.report import register_best
 
-    work, _, summaries, js, _ = report
+    work, _, summaries, js, md = report
     c, _, _ = _mlflow_runs(work)
+    assert "The seed is chosen on val, the split its mIoU is measured on, so that figure is optimistic" in md
     for fam in FAMILIES:
         best = max(SEEDS, key=lambda s: (summaries[(fam, s)]["mIoU"], -s))
         mv = c.get_model_version_by_alias(f"segpipe-{fam}", "best")
@@ -421,7 +422,7 @@ def test_runs_log_the_effective_atrous_rates(tmp_path, params_file):
     assert got == {8: ("[6, 12, 18]", "[12, 24, 36]"), 16: ("[6, 12, 18]", "[6, 12, 18]")}
 
 
-@pytest.mark.parametrize("profile", ["torchvision", "deeplabv3-paper"])
+@pytest.mark.parametrize("profile", ["torchvision", "deeplabv3-paper", "mmseg-deeplabv3-r50"])
 def test_recipe_profiles_validate_and_name_their_anchor(profile, params_file, tmp_path):
     """`segpipe quickstart --profile <p> --dry-run` validates the profile over params.yaml (models built
     on the meta device; weight files come from DVC's weights stage); each names its published figure."""
@@ -440,6 +441,9 @@ def test_recipe_profiles_validate_and_name_their_anchor(profile, params_file, tm
         assert (p.train.lr, p.train.aux_lr_mult, p.train.aux_weight, p.train.crop_size) == (0.02, 10.0, 0.5, 480)
         assert p.families["lraspp"].train == {"weight_decay": 1e-6} and p.train.weight_decay == 1e-4
         assert p.train.batch_size * p.ray.num_workers == 32
+    elif profile == "mmseg-deeplabv3-r50":
+        assert anchors == {"deeplabv3": anchors["deeplabv3"]} and anchors["deeplabv3"]["miou"] == 76.17
+        assert p.train.eval_resize == "short_side" and p.train.photometric and p.train.cat_max_ratio == 0.75
     else:
         assert anchors["deeplabv3"]["miou"] == 77.21
         d = p.families["deeplabv3"]
@@ -466,6 +470,7 @@ def test_report_prints_anchors_splits_and_tuned_marks(tmp_path, params_file):
               for f, m in (("deeplabv3", "deeplabv3_resnet50"), ("unet", "unet_resnet50"))]
     anchors = report_anchors(p, groups)
     assert set(anchors) == {"deeplabv3"} and anchors["deeplabv3"]["miou"] == 66.4
+    assert anchors["deeplabv3"]["differs"] and anchors["deeplabv3"]["recipe"].startswith("torchvision's")
     s = to_comparison(p, "sqlite:///x", SimpleNamespace(name="segpipe", experiment_id="1"), groups, "cpu",
                       ["lraspp seed 1 (run x): another setting: train.lr=0.1 (averaged: 0.01)"], [], [],
                       {"deeplabv3": "tune", "unet": "val"}, {})
@@ -477,6 +482,8 @@ def test_report_prints_anchors_splits_and_tuned_marks(tmp_path, params_file):
     assert md.startswith("# Semantic segmentation on PASCAL VOC: DeepLabV3 vs UNet")  # seg_models FAMILIES names
     assert "trained on COCO train2017" in md and "(here `voc2012_aug`)" in md and "COCO val2017, 20 VOC classes" in md
     assert "measured on the `val` split" in md
+    differs = next(line for line in md.splitlines() if "Settings that still differ from torchvision's" in line)
+    assert all(d in differs for d in anchors["deeplabv3"]["differs"])  # every difference the profile lists
     assert "deeplabv3: tuned by `segpipe tune`, trials selected on the `tune` split, not on `val`" in md
     assert "unet: tuned by `segpipe tune`, trials selected on the `val` split (the published split" in md
     assert "  - lraspp seed 1 (run x): another setting" in md

@@ -98,7 +98,8 @@ def test_quickstart_profile_is_valid_over_params(params_file):
     assert p.data.source == "synthetic"
     assert p.mlflow.experiment == "segpipe-quickstart"  # its own experiment, never mixed with the recipe's runs
     prof = yaml.safe_load((ROOT / "profiles" / "quickstart.yaml").read_text())
-    assert len(overrides) == len(prof)
+    assert len(overrides) == len(prof) - 1  # every entry but `source` (not a param), `profile` first
+    assert "source" in prof and not any(o.startswith("source") for o in overrides)
 
 
 def test_stage_help_is_the_stage_module_docstring_and_startup_stays_light():
