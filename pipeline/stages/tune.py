@@ -81,8 +81,7 @@ def run(p: Params, args) -> int:
             check_distinct(arch, family_params(p, space.family).train.crop_size)
     for fam in families:  # the result folder each tune replaces at its end: segpipe's, or refused now
         check_owned(out_dir(p, fam), "train.reports_dir", TUNE_LEGACY)
-    for fam in families:  # each family's trials train on one global batch at least
-        check_data(family_params(p, fam), tune_workers=p.tune.num_workers)
+    check_data(p, tune_families=families)  # and each family's trials train on one global batch at least
     tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
     if p.data.verify_shards:
         verify_shards(p.data.dir)  # every shard against manifest.json, before Ray

@@ -200,8 +200,9 @@ def evaluate(model, loader, opts: StepOptions, num_classes: int, eval_size: int 
     (a val split smaller than the world size) then runs no collective the others wait for.
     Scored at each label's full resolution whatever the eval size: the loader gives a list of
     masks at their own size (pipeline.data.loaders.collate_eval), each image's logits are resized
-    back to it before the argmax (to_label_size; eval_size None: the batch's side). The logits are fp32 (seg_models' ScoreConv2d):
-    under bf16/fp16 near-ties would round to ties the argmax breaks by class index."""
+    back to it before the argmax (to_label_size; eval_size None: the batch's side). The logits are
+    fp32 (seg_models' ScoreConv2d): under bf16/fp16 near-ties would round to ties the argmax breaks
+    by class index."""
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for images, masks in loader:

@@ -110,14 +110,17 @@ def check_model(model: str, options: dict, where: str = "train.model") -> None:
         raise UserError(f"{model}: {exc} (model options)") from None
 
 
-def check_data(p: Params, tune_workers: int | None = None) -> dict:
+def check_data(p: Params, tune_families: list[str] | None = None) -> dict:
     """The shards the run reads, checked against themselves (data.checks.check_shards): no empty
     split, manifest counts = listed rows, ids unique, val disjoint from train and tune; and the
-    split it trains on holds one global batch (tune_workers: a tune's trials, which train on train
-    without the tune split)."""
+    split it trains on holds one global batch (tune_families: each family's tune trials, which train
+    on train without the tune split, at that family's batch)."""
     manifest = load_manifest(p.data.dir)
     counts = check_shards(p.data.dir, manifest)
-    check_batch_fits(p, counts, tune_workers)
+    for fam in tune_families or []:
+        check_batch_fits(family_params(p, fam), counts, p.tune.num_workers)
+    if tune_families is None:
+        check_batch_fits(p, counts)
     return manifest
 
 

@@ -74,8 +74,8 @@ def _epoch_metrics(s: Setup, spec: WorkerSpec, epoch: int, stats: dict, val_load
         metrics[PLACEMENT_GROUP_KEY] = group.id.hex()
     if (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs:
         # the unwrapped module: no DDP buffer sync, so a rank without val batches hangs nobody
-        cm = collective.all_reduce(engine.evaluate(s.core, val_loader, s.opts, NUM_CLASSES, spec.eval_size,
-                                                           spec.eval_resize), device)
+        cm = engine.evaluate(s.core, val_loader, s.opts, NUM_CLASSES, spec.eval_size, spec.eval_resize)
+        cm = collective.all_reduce(cm, device)
         metrics.update({f"val/{k}": v for k, v in scores(cm).items()})
         metrics["val/confusion_matrix"] = cm.tolist()
     return metrics
