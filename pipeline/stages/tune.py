@@ -66,7 +66,7 @@ def run(p: Params, args) -> int:
         return 0
     from pipeline import tracking
     from pipeline.data.loaders import verify_shards
-    from pipeline.training.job import check_data
+    from pipeline.training.job import check_batches, check_data
     from pipeline.storage import check_owned
     from pipeline.tuning.results import TUNE_LEGACY, out_dir
     from pipeline.tuning.runner import check_resources, tune_family
@@ -81,10 +81,11 @@ def run(p: Params, args) -> int:
             check_distinct(arch, family_params(p, space.family).train.crop_size)
     for fam in families:  # the result folder each tune replaces at its end: segpipe's, or refused now
         check_owned(out_dir(p, fam), "train.reports_dir", TUNE_LEGACY)
-    check_data(p, tune_families=families)  # and each family's trials train on one global batch at least
+    manifest = check_data(p)
     tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
     if p.data.verify_shards:
         verify_shards(p.data.dir)  # every shard against manifest.json, before Ray
+    check_batches(p, manifest, families)  # each family's trials train on one global batch at least
     check_resources(p)
     for space in spaces:
         s = tune_family(p, space)

@@ -110,18 +110,22 @@ def check_model(model: str, options: dict, where: str = "train.model") -> None:
         raise UserError(f"{model}: {exc} (model options)") from None
 
 
-def check_data(p: Params, tune_families: list[str] | None = None) -> dict:
+def check_data(p: Params) -> dict:
     """The shards the run reads, checked against themselves (data.checks.check_shards): no empty
-    split, manifest counts = listed rows, ids unique, val disjoint from train and tune; and the
-    split it trains on holds one global batch (tune_families: each family's tune trials, which train
-    on train without the tune split, at that family's batch)."""
+    split, manifest counts = listed rows, ids unique, val disjoint from train and tune."""
     manifest = load_manifest(p.data.dir)
-    counts = check_shards(p.data.dir, manifest)
+    check_shards(p.data.dir, manifest)
+    return manifest
+
+
+def check_batches(p: Params, manifest: dict, tune_families: list[str] | None = None) -> None:
+    """The split a run trains on holds one global batch (check_batch_fits); tune_families: each
+    family's tune trials, which train on train without the tune split, at that family's batch."""
+    counts = {s: info.get("count", 0) for s, info in manifest["splits"].items() if isinstance(info, dict)}
     for fam in tune_families or []:
         check_batch_fits(family_params(p, fam), counts, p.tune.num_workers)
     if tune_families is None:
         check_batch_fits(p, counts)
-    return manifest
 
 
 def check_batch_fits(p: Params, counts: dict, tune_workers: int | None = None) -> None:
@@ -141,11 +145,13 @@ def check_batch_fits(p: Params, counts: dict, tune_workers: int | None = None) -
 
 
 def preflight(p: Params) -> None:
-    """Once before Ray: the shards exist, the store answers and is writable, the shards match their manifest."""
-    check_data(p)
+    """Once before Ray: the shards exist, the store answers and is writable, the shards match their
+    manifest, the train split holds one global batch."""
+    manifest = check_data(p)
     tracking.preflight(p)  # the store answers and is writable (else one error line), before Ray
     if p.data.verify_shards:
         verify_shards(p.data.dir)  # every shard against manifest.json, before Ray
+    check_batches(p, manifest)
 
 
 def ray_init(p: Params) -> bool:

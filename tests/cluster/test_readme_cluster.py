@@ -180,7 +180,8 @@ def test_the_cluster_recipe_runs_as_written_on_two_hosts(netns, tmp_path, monkey
         bad = submit_job(ray_address, clone, tmp_path / "runtime_env.yaml",
                          ["segpipe", "train", "--family", "unet", *sets, "-S", "train.batch_size=-3"])
         tune = submit_job(ray_address, clone, tmp_path / "runtime_env.yaml", [
-            "segpipe", "tune", *sets, "-S", "tune.families=[unet]", "-S", "tune.space.unet={upsample: {grid: [transposed]}}",
+            # a trial trains at the run's global batch (4 x the README's 4 workers) on 14 images: 2 x 4 fits
+            "segpipe", "tune", *sets, "-S", "train.batch_size=2", "-S", "tune.families=[unet]", "-S", "tune.space.unet={upsample: {grid: [transposed]}}",
             "-S", "tune.max_epochs=1", "-S", "tune.grace_period=1", "-S", "tune.num_workers=1", "-S", "tune.seeds=1",
             "-S", "tune.cpus_per_worker=0.9", "-S", "tune.max_concurrent_trials=1"])
         bad_status, bad_logs = wait_job(ray_address, bad, timeout=120)

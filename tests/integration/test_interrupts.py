@@ -73,7 +73,8 @@ def test_a_signal_ends_the_run_killed_with_one_line(synthetic_shards, tmp_path, 
 
     extra = ['families={"unet": {"model": "unet", "options": {"base_channels": 8}}}', "seeds=[0, 1]",
              "ray.num_workers=1"] if what == ["--all"] else []
-    args = sum((["-S", o] for o in tiny_overrides(synthetic_shards, tmp_path, epochs=30)
+    # 1000 epochs: on a loaded machine the run must still be going when the signal comes (ended, not finished)
+    args = sum((["-S", o] for o in tiny_overrides(synthetic_shards, tmp_path, epochs=1000)
                 + ["train.sample_images=0", *extra]), [])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **own_ray}
     started = time.time() - 1

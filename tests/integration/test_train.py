@@ -35,12 +35,14 @@ def test_each_family_trains_and_mlflow_has_it_all(ray_local, synthetic_shards, t
     test_distributed.py's)."""
     from mlflow.tracking import MlflowClient
 
+    from pipeline.cli import setup_logging
     from pipeline.training.job import train_all
     from pipeline.data.voc import VOC_CLASSES
 
     p = load_params(ROOT / "params.yaml", tiny_overrides(synthetic_shards, tmp_path) + ["ray.num_workers=1", "ray.cpus_per_worker=0.5",
                                                                                  "seeds=[0]"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    setup_logging()  # progress at INFO (an in-process `-q` run of this worker may have lowered it)
     with ActorTitles() as actors:
         outcomes = train_all(p, progress=True)
     assert [(o.family, o.seed, o.error) for o in outcomes] == [(fam, 0, "") for fam in TINY]
