@@ -175,11 +175,11 @@ class SyntheticParams(_Strict):
                                "id gets row i of pipeline.data.synthetic.CLASS_TABLE (see docs/data.md)")
     kind: Literal["scenes", "context"] = Field(
         description="scenes: shape, texture or surroundings decide the class, never colour (the quickstart's "
-        "task) | context: a known-answer field-of-view test: identical discs whose class only a ring "
-        "context_distance px around each one tells (2+ classes per image, rings labelled background)")
-    context_distance: int = Field(ge=1, description="context: radius (px) of the class ring around each "
-                                  "object's centre; from size / 12 + 4 (ring outside the disc) to size / 3 "
-                                  "(two ringed objects fit); at output stride 8 an ASPP rate r reaches 8 r px")
+        "task) | context: a known-answer field-of-view test: identical discs whose class only the colour "
+        "beyond context_distance px from each one tells (2+ classes per image, the colour labelled background)")
+    context_distance: int = Field(ge=1, description="context: radius (px) of the clear zone around each "
+                                  "object's centre, beyond which its class colour lies; from size / 9 + 2 (outside "
+                                  "the disc) to size / 3 (two objects fit); at output stride 8 an ASPP rate r reaches 8 r px")
 
     @field_validator("classes")
     @classmethod
@@ -195,11 +195,11 @@ class SyntheticParams(_Strict):
 
     @model_validator(mode="after")
     def _context_fits(self) -> "SyntheticParams":
-        # pipeline.data.synthetic: discs of radius max(3, size / 12), a 3 px ring, centres 2 d + 4 px apart
-        lo, hi = max(3.0, self.size / 12) + 4, self.size / 3
+        # pipeline.data.synthetic: discs of radius max(3, size / 9), centres 2 d + 2 px apart
+        lo, hi = max(3.0, self.size / 9) + 2, self.size / 3
         if self.kind == "context" and not lo <= self.context_distance <= hi:
             raise ValueError(f"context_distance ({self.context_distance}) must be in {lo:g}..{hi:g} at "
-                             f"size {self.size} (the ring outside the object, two ringed objects in the image)")
+                             f"size {self.size} (the clear zone outside the object, two objects in the image)")
         return self
 
 

@@ -16,16 +16,17 @@ Rows 4 and 5 differ from row 0 by shape only and by texture only. A scene holds 
 ``max_objects`` (rounded up) to ``max_objects`` objects, rotated, of varying aspect (some thin) and
 size (one in five small); later ones occlude earlier ones.
 
-``context``: a known-answer test of the field of view. All objects look alike (a disc of radius
-max(3, size / 12), one colour 60-120 RGB units from the background under it, any direction); an
-object's class is given only by a thin ring (``RING_WIDTH`` px) centred on the object's centre at
-radius ``context_distance`` px (the ring's centre line), coloured by the class. Rings are labelled
-background (0). Every scene holds 2+ objects of different classes (where ``max_objects`` and
-``classes`` allow), placed so that no ring comes closer to another object's centre than its own
-ring does (centres >= 2 * distance + ring width + 1 apart); when there is room, distractor rings
-with no object inside are added. A model whose field of view reaches ``context_distance`` from an
-object's centre can name the class; one that sees less can only say "object" (a global image
-summary sees every ring of the image at once, not which ring belongs to which object).
+``context``: a known-answer test of the field of view. All objects look alike (the same near-white
+disc of radius max(3, size / 9)); an object's class is given only by what lies farther than
+``context_distance`` px from its centre: each object sits in a clear zone of the background of that
+radius, and beyond it the object's cell of the image (the pixels nearer to it than to any other
+object) is painted in the class's colour (saturated hues, evenly spaced). The painted fields are
+labelled background (0). Every scene holds 2+ objects of different classes (where ``max_objects``
+and ``classes`` allow), centres >= 2 * distance + 2 px apart, so no clear zone holds another
+object's colour. A model whose field of view reaches ``context_distance`` from an object's pixels
+can name the class; one that sees less can only say "object" (a global image summary sees every
+colour of the image at once, not which one surrounds which object). tests/integration/test_known_answer.py
+runs `segpipe tune` on it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ CLASS_TABLE = (
 )
 TEXTURE_CONTRAST = (100.0, 160.0)  # RGB distance between an object's two colours (a brightness step)
 LAKE_CONTRAST = (30.0, 50.0)       # the lake's waves: faint
-RING_WIDTH = 3                     # px, the context ring
+DISC_COLOUR = 245.0                # context: every object is the same near-white disc
 
 
 @functools.lru_cache(maxsize=4)
@@ -198,8 +199,8 @@ def _scenes(p: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, n
     return img, mask
 
 
-def _ring_colour(k: int, n: int) -> np.ndarray:
-    """The ring colour of the k-th of n classes: hues evenly spaced, full saturation."""
+def _field_colour(k: int, n: int) -> np.ndarray:
+    """The field colour of the k-th of n classes: hues evenly spaced, full saturation."""
     h = k / max(n, 1)
     i, f = int(h * 6) % 6, h * 6 - int(h * 6)
     v, s = 235.0, 0.9
@@ -208,12 +209,12 @@ def _ring_colour(k: int, n: int) -> np.ndarray:
 
 
 def _context_centres(p: SyntheticParams, rng: np.random.Generator, want: int) -> list[tuple[float, float]]:
-    """Up to `want` centres at least 2 * distance + ring width apart (two wherever two fit)."""
+    """Up to `want` centres at least 2 * distance + 2 apart (two wherever two fit)."""
     size, d = p.size, p.context_distance
     yy, xx = _grid(size)
     lo, hi = _context_margin(p), size - 1 - _context_margin(p)
     inside = (yy >= lo) & (yy <= hi) & (xx >= lo) & (xx <= hi)
-    sep = 2 * d + RING_WIDTH + 1
+    sep = 2 * d + 2  # each clear zone stays clear of the other cell's colour
     best: list[tuple[float, float]] = []
     for _ in range(8):  # redraw the first centre when it leaves no room for a second
         centres: list[tuple[float, float]] = []
@@ -232,13 +233,13 @@ def _context_centres(p: SyntheticParams, rng: np.random.Generator, want: int) ->
 
 
 def _context_margin(p: SyntheticParams) -> int:
-    """Centres keep this far from the border: the object and a third of its ring stay in the image."""
+    """Centres keep this far from the border: the object and a third of its clear zone stay in the image."""
     return max(_disc_radius(p.size) + 2, p.context_distance // 3)
 
 
 def _disc_radius(size: int) -> float:
-    """Discs of ~3% of a 128 px image each: small enough for a far ring, large enough to be learnt."""
-    return max(3.0, size / 12)
+    """Discs of ~4% of the image each: small enough for a far context, large enough to be learnt."""
+    return max(3.0, size / 9)
 
 
 def _context(p: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -249,21 +250,16 @@ def _context(p: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, 
     void = np.zeros((size, size), bool)
     want = int(rng.integers(min(2, p.max_objects), p.max_objects + 1)) if n > 1 else 1
     want = min(want, n)
-    centres = _context_centres(p, rng, want + int(rng.integers(0, 3)))  # + 0-2 distractor rings
-    objects = min(want, len(centres))
-    ks = rng.permutation(n)[:objects].tolist() + rng.integers(0, n, size=len(centres) - objects).tolist()
+    centres = _context_centres(p, rng, want)
+    ks = rng.permutation(n)[:len(centres)].tolist()
     yy, xx = _grid(size)
-    for j, (cy, cx) in enumerate(centres):
-        r = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-        ring = np.abs(r - p.context_distance) <= RING_WIDTH / 2
-        colour = _ring_colour(ks[j], n)
-        img[ring] = colour + rng.normal(0, 8, size=(int(ring.sum()), 3))
-        if j >= objects:
-            continue
-        disc = r <= _disc_radius(size)
-        d = rng.normal(size=3)  # one colour 60-120 RGB units from the background there, any direction
-        colour = np.clip(img[disc].mean(0) + d / np.linalg.norm(d) * rng.uniform(60, 120), 0, 255)
-        img[disc] = colour + rng.normal(0, 10, size=(int(disc.sum()), 3))
+    dist = np.stack([np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) for cy, cx in centres])
+    nearest, r = dist.argmin(0), dist.min(0)
+    for j in range(len(centres)):
+        field = (nearest == j) & (r > p.context_distance)  # its cell of the image, beyond the clear zone
+        img[field] = _field_colour(ks[j], n) + rng.normal(0, 8, size=(int(field.sum()), 3))
+        disc = dist[j] <= _disc_radius(size)
+        img[disc] = DISC_COLOUR + rng.normal(0, 10, size=(int(disc.sum()), 3))  # every object alike
         mask[disc] = p.classes[ks[j]]
         void |= _boundary(disc, max(1, size // 64))
     mask[void] = 255

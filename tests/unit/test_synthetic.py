@@ -12,7 +12,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from pipeline.config import SyntheticParams
-from pipeline.data.synthetic import RING_WIDTH, generate, make_scene
+from pipeline.data.synthetic import generate, make_scene
 
 CLASSES = [1, 7, 12, 15]
 
@@ -97,48 +97,51 @@ def test_scenes_no_class_is_told_by_its_colour():
     assert nearest_mean_accuracy(groups) < 1 / len(CLASSES) + 0.2
 
 
-def rings(img: np.ndarray, m: np.ndarray, p: SyntheticParams):
-    """For each object: its class, its centre (from the mask), the mean colour along each 1 px wide
-    circle around it (radius 0 .. 1.5 x distance; nan where < 8 px of it are in the image), the pixels
-    between the object and its ring (disc and void band left out) and the labels under the ring."""
+def fields(img: np.ndarray, m: np.ndarray, p: SyntheticParams):
+    """For each object: its class, the colour saturation (RGB peak-to-peak) of the mean colour along
+    each 1 px circle around its centre (from the mask) up to the distance + 4 within its own cell of
+    the image (nan where < 8 px of it are there), the pixels between it and the distance (disc and
+    void band left out), the mean colour just beyond the distance in its cell, and the labels there."""
     yy, xx = np.mgrid[0:p.size, 0:p.size]
-    for c in sorted(set(np.unique(m).tolist()) - {0, 255}):
-        cy, cx = np.argwhere(m == c).mean(0)
-        r = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-        profile = [img[np.abs(r - k) <= 0.5].mean(0) if (np.abs(r - k) <= 0.5).sum() >= 8 else np.full(3, np.nan)
-                   for k in range(p.context_distance * 3 // 2)]
+    classes = sorted(set(np.unique(m).tolist()) - {0, 255})
+    centres = [np.argwhere(m == c).mean(0) for c in classes]
+    dist = np.stack([np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) for cy, cx in centres])
+    for j, c in enumerate(classes):
+        r, own = dist[j], dist.argmin(0) == j
+        profile = [np.ptp(img[own & (np.abs(r - k) <= 0.5)].mean(0)) if (own & (np.abs(r - k) <= 0.5)).sum() >= 8
+                   else np.nan for k in range(p.context_distance + 5)]
         disc = np.sqrt((m == c).sum() / np.pi) + 3
-        between = img[(r > disc) & (r < p.context_distance - RING_WIDTH)]
-        yield c, (cy, cx), np.array(profile), between, m[np.abs(r - p.context_distance) <= 0.5]
+        between = img[own & (r > disc) & (r < p.context_distance - 1)]
+        beyond = own & (r > p.context_distance + 1) & (r < p.context_distance + 4)
+        yield c, np.array(profile), between, img[beyond].mean(0), m[beyond]
 
 
 @pytest.mark.parametrize("size,distance", [(96, 24), (96, 28), (64, 20), (80, 26)])
-def test_context_ring_at_the_configured_distance_and_nothing_nearer(size, distance):
+def test_context_colour_begins_at_the_configured_distance_and_nothing_nearer(size, distance):
     p = params(kind="context", size=size, context_distance=distance)
     for i in range(15):
         img, m = decoded(i, p)
-        for c, _, profile, between, under_ring in rings(img, m, p):
-            sat = np.ptp(profile, axis=1)  # rings are saturated colours, the background is muted
+        for c, sat, between, colour, labels in fields(img, m, p):
             lo = int(np.sqrt((m == c).sum() / np.pi)) + 4
-            assert lo + np.nanargmax(sat[lo:]) in (distance - 1, distance, distance + 1), (i, c)
-            ring = profile[distance]
-            assert np.linalg.norm(between - ring, axis=1).min() > 40, (i, c)  # nothing ring-like nearer
-            assert set(np.unique(under_ring).tolist()) <= {0, 255}, (i, c)  # the ring is background
+            first = lo + int(np.argmax(np.nan_to_num(sat[lo:]) > 100))  # saturated hues, a muted background
+            assert first in (distance, distance + 1, distance + 2), (i, c, sat.round())
+            assert np.linalg.norm(between - colour, axis=1).min() > 40, (i, c)  # nothing of it nearer
+            assert set(np.unique(labels).tolist()) <= {0, 255}, (i, c)  # the field is background
 
 
-def test_context_objects_look_alike_only_the_ring_tells_the_class():
+def test_context_objects_look_alike_only_the_field_tells_the_class():
     p = params(kind="context", size=80, context_distance=24)
     inside: dict[int, list[np.ndarray]] = {c: [] for c in p.classes}
-    ring: dict[int, list[np.ndarray]] = {c: [] for c in p.classes}
+    field: dict[int, list[np.ndarray]] = {c: [] for c in p.classes}
     for i in range(40):
         img, m = decoded(i, p)
-        for c, _, profile, _, _ in rings(img, m, p):
+        for c, _, _, colour, _ in fields(img, m, p):
             pix = img[m == c]
             inside[c].append(np.concatenate([pix.mean(0), pix.std(0), [(m == c).sum()]]))
-            ring[c].append(profile[p.context_distance])
+            field[c].append(colour)
     assert min(len(g) for g in inside.values()) >= 15
     assert fisher(inside) < 0.1 and nearest_mean_accuracy(inside) < 1 / len(CLASSES) + 0.25
-    assert fisher(ring) > 10 and nearest_mean_accuracy(ring) == 1.0
+    assert fisher(field) > 10 and nearest_mean_accuracy(field) == 1.0
 
 
 @pytest.mark.parametrize("max_objects,classes,want", [(3, CLASSES, (2, 3)), (2, CLASSES, (2, 2)),
