@@ -5,13 +5,13 @@ The scenes (`data.synthetic.kind: context`, 128 px): identical near-white discs 
 2) only the colour painted beyond a clear zone of 40 px around each disc tells; every scene holds one
 disc of each class. The model: `deeplabv3_small` (backbone receptive field 39 px, output stride 8)
 with image pooling off, so the ASPP is the only way to see far. Rates (1, 1, 1), the configured
-point, reach about 19 + 8 + 8 (the head's 3x3) = 35 px from a pixel: they find the discs but cannot
-name them from the disc's centre (mIoU ~0.6-0.7: only its rim, 26 px from the colour, is reached). Rates (6, 6, 6) put the taps 48-68
-px out, in the colour, and name them (mIoU > 0.95). Training is held fixed (no optimiser phase:
-lr 0.02, batch 8 = the trials' global batch of 8 x 1 worker, 20 epochs, scale augmentation off so
-the colour stays 40 px away), two seeds per point, scored on the tune split. Measured outside the pipeline (the same model and data, seeds 0-7): reaching
-0.981-0.996 on every seed, short 0.585-0.608; lr 0.05 or 12 epochs left some seeds on the short
-rates' plateau.
+point, reach about 19 + 8 + 8 (the head's 3x3) = 35 px from a pixel: they find the discs but name
+them only from their rims, 26 px from the colour (mIoU ~0.6-0.7). Rates (6, 6, 6) put the taps
+48-68 px out, in the colour, and name them (mIoU > 0.95). Training is held fixed (no optimiser
+phase: lr 0.02, batch 8 = the trials' global batch of 8 x 1 worker, 20 epochs, scale augmentation
+off so the colour stays 40 px away), two seeds per point, scored on the tune split. Measured outside
+the pipeline (the same model and data, seeds 0-7): reaching 0.981-0.996 on every seed; lr 0.05,
+batch 32 or 12 epochs left some seeds on the short rates' plateau.
 
 The test fails when the search stops finding a real effect: seeds not varied or not averaged, the
 configured point's optimiser not held, the selection split leaking, or the verdict not applied."""
