@@ -39,9 +39,15 @@ def own_ray(tmp_path_factory):
         head.stop()
 
 
+START_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                     "sys.argv = ['segpipe', *sys.argv[1:]]; runpy.run_module('pipeline.cli', run_name='__main__')")
+
+
 def _start_train(tmp_path, env: dict, *args: str) -> subprocess.Popen:
-    """`segpipe train ...` as a real process (stderr kept in tmp_path/err: proc.err_path)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "-p", str(ROOT / "params.yaml"), *args],
+    """`segpipe train ...` as a real process (stderr kept in tmp_path/err: proc.err_path), with Ctrl-C
+    at its default as in a terminal: a process started in the background by a non-interactive shell
+    (a CI runner's `cmd &`) inherits SIGINT ignored, and Python then leaves it ignored."""
+    proc = subprocess.Popen([sys.executable, "-c", START_WITH_CTRL_C, "train", "-p", str(ROOT / "params.yaml"), *args],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"),
                             text=True)
     proc.err_path = tmp_path / "err"
