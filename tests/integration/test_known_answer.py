@@ -35,7 +35,7 @@ def overrides(data_dir: Path, work: Path) -> list[str]:
         f"data.dir={data_dir}", "data.source=synthetic", "data.synthetic.kind=context", "data.synthetic.size=128",
         "data.synthetic.context_distance=40", "data.synthetic.classes=[1, 2]", "data.synthetic.max_objects=2",
         "data.synthetic.train_count=320", "data.synthetic.val_count=4", "data.synthetic.seed=7",
-        "data.tune_split=0.25", "data.row_group_rows=32",
+        "data.tune_split=0.25", "data.row_group_rows=32", "data.workers=1",
         "families.deeplabv3.model=deeplabv3_small",
         f"families.deeplabv3.options={{width: 16, image_pooling: false, atrous_rates: {SHORT}}}",
         "train.batch_size=8", "ray.num_workers=1", "train.crop_size=128", "train.eval_size=128", "train.scale_min=1.0",
@@ -50,15 +50,18 @@ def overrides(data_dir: Path, work: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ablation(ray_local, tmp_path_factory):
+def ablation(request, tmp_path_factory):
     from pipeline.data.shards import preprocess
     from pipeline.data.sources import fetch
 
     work = tmp_path_factory.mktemp("known_answer")
     args = overrides(work / "data", work)
     p = load_params(ROOT / "params.yaml", args)
+    # in this process, with no worker pool (data.workers=1): forking a process that runs Ray's
+    # threads can deadlock the child (seen in a full suite run)
     fetch(p, progress=False)
     preprocess(p, progress=False)
+    request.getfixturevalue("ray_local")  # the session's Ray, for the tune
     r = run_cli("tune", "--family", "deeplabv3", "-p", str(ROOT / "params.yaml"), *sum((["-S", a] for a in args), []),
                 timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
