@@ -61,7 +61,6 @@ class PadTo(torch.nn.Module):
         return image, mask
 
 
-EVAL_RESIZES = ("fit", "short_side")
 SHORT_SIDE_MAX_RATIO = 4  # short_side: the long side at most this x eval size (mmsegmentation: 2048 for 512)
 
 

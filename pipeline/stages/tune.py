@@ -66,7 +66,8 @@ def run(p: Params, args) -> int:
         return 0
     from pipeline import tracking
     from pipeline.data.loaders import verify_shards
-    from pipeline.training.job import check_batches, check_data
+    from pipeline.training.job import check_data
+    from pipeline.training.resources import check_batches
     from pipeline.storage import check_owned
     from pipeline.tuning.results import TUNE_LEGACY, out_dir
     from pipeline.tuning.runner import check_resources, tune_family

@@ -34,7 +34,7 @@ from pipeline.training import dist as collective
 from pipeline.training import outputs
 from pipeline.training.inference import predict_images
 from pipeline.training.checkpoint import check_resume_checkpoints, load_checkpoint_model, save_model_file
-from pipeline.training.resources import check_fit, check_outputs
+from pipeline.training.resources import check_batches, check_fit, check_outputs
 from pipeline.training.spec import WorkerSpec
 from pipeline.training.progress import ProgressPrinter, make_epoch_callback
 from pipeline.training.worker import FAILURE_KEY, WORKER_ERROR, train_loop_per_worker
@@ -116,32 +116,6 @@ def check_data(p: Params) -> dict:
     manifest = load_manifest(p.data.dir)
     check_shards(p.data.dir, manifest)
     return manifest
-
-
-def check_batches(p: Params, manifest: dict, tune_families: list[str] | None = None) -> None:
-    """The split a run trains on holds one global batch (check_batch_fits); tune_families: each
-    family's tune trials, which train on train without the tune split, at that family's batch."""
-    counts = {s: info.get("count", 0) for s, info in manifest["splits"].items() if isinstance(info, dict)}
-    for fam in tune_families or []:
-        check_batch_fits(family_params(p, fam), counts, p.tune.num_workers)
-    if tune_families is None:
-        check_batch_fits(p, counts)
-
-
-def check_batch_fits(p: Params, counts: dict, tune_workers: int | None = None) -> None:
-    """Training drops the last incomplete batch (a batch of 1 breaks BatchNorm): a split smaller
-    than one global batch (train.batch_size x workers) would train on nothing."""
-    workers, per_worker, split = p.ray.num_workers, p.train.batch_size, "train split"
-    knobs, images = "train.batch_size, ray.num_workers", counts.get("train", 0)
-    if tune_workers is not None:  # a trial trains at the run's global batch on tune.num_workers workers
-        workers, per_worker = tune_workers, p.train.batch_size * p.ray.num_workers // tune_workers
-        if counts.get("tune"):
-            split, images = "train split without the tune split", images - counts["tune"]
-            knobs += ", data.tune_split"
-    batch = per_worker * workers
-    if images < batch:
-        raise UserError(f"the {split} holds {images} images, fewer than one global batch of {batch} "
-                        f"({per_worker} per worker x {workers} workers): lower {knobs} or add images")
 
 
 def preflight(p: Params) -> None:

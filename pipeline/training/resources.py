@@ -8,6 +8,8 @@ naming the knobs; on a cluster, which may grow (autoscaling), a warning on stder
 starts when it is local and not yet up (the machine's CPUs and GPUs are what ray.init takes).
 check_outputs(p, model, options): train.models_dir and train.reports_dir made and written to (a probe
 file), and the free space of train.models_dir at least the model file's size.
+check_batches(p, manifest, tune_families): the split a run (or each family's tune trials) trains on
+holds one global batch (training drops the last incomplete one); trial_batch_size: a trial's batch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import ray
 import torch
 
 from pipeline import system
-from pipeline.config import Params
+from pipeline.config import Params, family_params
 from pipeline.data.voc import NUM_CLASSES
 from pipeline.errors import UserError
 from seg_models import build_model
@@ -86,3 +88,35 @@ def check_outputs(p: Params, model: str, options: dict) -> None:
         if key == "train.models_dir" and free < need:
             raise UserError(f"{path} has {free / 1e6:.1f} MB free but the model file needs {need / 1e6:.1f} MB: "
                             f"free some space or choose another {key}; nothing was trained ({key})")
+
+
+def check_batches(p: Params, manifest: dict, tune_families: list[str] | None = None) -> None:
+    """The split a run trains on holds one global batch (check_batch_fits); tune_families: each
+    family's tune trials, which train on train without the tune split, at that family's batch."""
+    counts = {s: info.get("count", 0) for s, info in manifest["splits"].items() if isinstance(info, dict)}
+    for fam in tune_families or []:
+        check_batch_fits(family_params(p, fam), counts, tune=True)
+    if tune_families is None:
+        check_batch_fits(p, counts)
+
+
+def trial_batch_size(p: Params) -> int:
+    """A tune trial's per-worker batch: the training run's global batch (ray.num_workers x
+    train.batch_size) on tune.num_workers workers, so tuned optimiser settings transfer unscaled."""
+    return p.train.batch_size * p.ray.num_workers // p.tune.num_workers
+
+
+def check_batch_fits(p: Params, counts: dict, tune: bool = False) -> None:
+    """Training drops the last incomplete batch (a batch of 1 breaks BatchNorm): a split smaller
+    than one global batch (train.batch_size x workers) would train on nothing."""
+    workers, per_worker, split = p.ray.num_workers, p.train.batch_size, "train split"
+    knobs, images = "train.batch_size, ray.num_workers", counts.get("train", 0)
+    if tune:  # a trial trains at the run's global batch on tune.num_workers workers
+        workers, per_worker = p.tune.num_workers, trial_batch_size(p)
+        if counts.get("tune"):
+            split, images = "train split without the tune split", images - counts["tune"]
+            knobs += ", data.tune_split"
+    batch = per_worker * workers
+    if images < batch:
+        raise UserError(f"the {split} holds {images} images, fewer than one global batch of {batch} "
+                        f"({per_worker} per worker x {workers} workers): lower {knobs} or add images")

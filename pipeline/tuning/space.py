@@ -25,6 +25,7 @@ from pipeline.data.loaders import load_manifest
 from pipeline.display import show
 from pipeline.errors import UserError
 from pipeline.training.job import check_model
+from pipeline.training.resources import trial_batch_size
 from seg_models import FAMILIES, list_models, model_info
 from seg_models.registry import Family
 
@@ -320,9 +321,7 @@ def trial_params(p: Params, space: Space, values: dict) -> Params:
     model, options, train = apply_values(space, values)
     families = dict(p.families)
     families[space.family] = FamilyParams.model_construct(model=model, options=options, train={})
-    # the training run's global batch (ray.num_workers x train.batch_size) on tune.num_workers workers,
-    # so tuned optimiser settings transfer without LR scaling
-    batch = p.train.batch_size * p.ray.num_workers // p.tune.num_workers
+    batch = trial_batch_size(p)
     return p.model_copy(update={
         "families": families,
         "train": p.train.model_copy(update={**train, "model_options": {}, "epochs": p.tune.max_epochs, "iterations": 0, "eval_every": 1,
